@@ -1,0 +1,156 @@
+"""Binds the backends to autograd as ``torch.library`` custom ops (SPEC §4).
+
+Two ops share one signature (the :class:`Problem` flattened into tensors and scalars):
+
+* ``fastrecloss::loss_rows`` returns the per-row losses [R]; its backward recomputes the scores
+  with the upstream gradient as the row scale (used for ``reduction='none'``).
+* ``fastrecloss::loss_scalar`` returns Σ_r row_scale_r · L_r *and* the gradients it needs,
+  computed in the same pass; its backward only multiplies them by the (scalar) upstream gradient.
+
+Both have fake implementations, so ``torch.compile(fullgraph=True)`` traces through them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from ._problem import Problem
+from ._spec import LossSpec, acc_dtype
+
+_BACKEND_MODULES = {"torch": "fastrecloss.torch_backend", "triton": "fastrecloss.triton_backend"}
+_TENSOR_FIELDS = ("query", "neg", "pos", "pos_idx", "neg_idx", "log_q", "pos_log_q", "hit_pos_ids",
+                  "hit_neg_ids", "neg_mask")
+
+
+def _backend(name: str):
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def _problem(tensors: tuple, layout: str, temperature: float) -> Problem:
+    return Problem(layout, temperature=temperature, **dict(zip(_TENSOR_FIELDS, tensors)))
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _cast(g: Tensor | None, like: Tensor | None, fallback: Tensor) -> Tensor:
+    """A gradient in its input's dtype, or an empty placeholder (custom ops return tensors only)."""
+    if g is None or like is None:
+        return _empty(fallback)
+    return g.to(like.dtype)
+
+
+@torch.library.custom_op("fastrecloss::loss_rows", mutates_args=())
+def loss_rows(
+    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
+    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
+    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
+    deterministic: bool,
+) -> Tensor:
+    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
+                 layout, temperature)
+    rows, *_ = _backend(backend).forward_backward(p, LossSpec.from_params(kind, params), None,
+                                                  (False, False, False), deterministic)
+    return rows
+
+
+@loss_rows.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic):
+    return query.new_empty(query.shape[0], dtype=acc_dtype(query.dtype))
+
+
+def _rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.static = inputs[10:]
+
+
+def _rows_backward(ctx, grad_rows):
+    tensors = ctx.saved_tensors
+    layout, temperature, kind, params, backend, deterministic = ctx.static
+    p = _problem(tensors, layout, temperature)
+    query_dtype = p.query.dtype
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[1])
+    _, gq, gp, gn = _backend(backend).forward_backward(
+        p, LossSpec.from_params(kind, params), grad_rows.to(acc_dtype(query_dtype)), needs, deterministic)
+    grads = [None] * 16
+    grads[0] = gq.to(p.query.dtype) if gq is not None else None
+    grads[1] = gn.to(p.neg.dtype) if gn is not None else None
+    grads[2] = gp.to(p.pos.dtype) if gp is not None else None
+    return tuple(grads)
+
+
+loss_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+@torch.library.custom_op("fastrecloss::loss_scalar", mutates_args=())
+def loss_scalar(
+    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
+    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
+    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
+    deterministic: bool, row_scale: Tensor, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
+                 layout, temperature)
+    row_scale = row_scale.to(acc_dtype(query.dtype))
+    rows, gq, gp, gn = _backend(backend).forward_backward(
+        p, LossSpec.from_params(kind, params), row_scale if any(needs) else None, tuple(needs), deterministic)
+    total = (rows * row_scale).sum()
+    return total, _cast(gq, query, query), _cast(gp, pos, query), _cast(gn, neg, query)
+
+
+@loss_scalar.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic, row_scale, needs):
+    def like(t, need):
+        return torch.empty_like(t) if (need and t is not None) else (t if t is not None else query).new_empty(0)
+
+    need_pos_vec = needs[1] and pos is not None
+    return (query.new_empty((), dtype=acc_dtype(query.dtype)), like(query, needs[0]), like(pos, need_pos_vec),
+            like(neg, needs[2]))
+
+
+def _scalar_setup(ctx, inputs, output):
+    _, gq, gp, gn = output
+    ctx.save_for_backward(gq, gp, gn)
+
+
+def _scalar_backward(ctx, grad_total, *_unused):
+    gq, gp, gn = ctx.saved_tensors
+    grads = [None] * 18
+
+    def scaled(g):
+        return (g * grad_total).to(g.dtype) if g.numel() else None
+
+    grads[0], grads[1], grads[2] = scaled(gq), scaled(gn), scaled(gp)
+    return tuple(grads)
+
+
+loss_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
+
+
+def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight: Tensor | None,
+          reduction: str) -> Tensor:
+    """Run a fused backend with autograd; returns the reduced loss in the query's dtype."""
+    args = [getattr(p, f) for f in _TENSOR_FIELDS]
+    static = [p.layout, p.temperature, int(spec.kind), spec.params, backend, deterministic]
+    dtype = p.query.dtype
+    if reduction == "none":
+        rows = loss_rows(*args, *static)
+        if weight is not None:
+            rows = rows * weight.to(rows.dtype)
+        return rows.to(dtype)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and p.query.requires_grad,
+             grad_on and p.pos is not None and p.pos.requires_grad,
+             grad_on and p.neg.requires_grad]
+    acc = acc_dtype(dtype)
+    row_scale = weight.to(acc) if weight is not None else torch.ones(p.R, dtype=acc, device=p.query.device)
+    if reduction == "mean":
+        row_scale = row_scale / row_scale.sum().clamp_min(torch.finfo(acc).tiny)
+    total, *_ = loss_scalar(*args, *static, row_scale, needs)
+    return total.to(dtype)

@@ -1,0 +1,149 @@
+"""``nn.Module`` wrappers: hold the hyper-parameters, accept queries of any leading shape.
+
+A query of shape [..., d] is flattened to R rows; every per-row argument (``pos`` [..., d],
+``pos_idx``/``pos_log_q``/``pos_ids``/``weight`` [...], per-row ``neg`` [..., N, d], ``neg_idx``
+[..., N], and per-row ``log_q``/``neg_mask``/``neg_ids`` [..., N]) is flattened the same way.
+``padding_mask`` [...] (True = padding) gives the padded rows weight 0; with ``reduction='none'``
+the result has the query's leading shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from . import functional as F
+from ._problem import BACKENDS, REDUCTIONS, check_choice
+
+_ROW_ARGS = ("pos_idx", "pos_log_q", "pos_ids", "weight")
+
+
+class _RecLoss(nn.Module):
+    """Common machinery; subclasses set ``fn`` and their hyper-parameters."""
+
+    fn: Callable[..., Tensor]
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
+                 remove_accidental_hits: bool = False, deterministic: bool = False, **hparams: Any) -> None:
+        super().__init__()
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("backend", backend, BACKENDS)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.reduction = reduction
+        self.backend = backend
+        self.remove_accidental_hits = remove_accidental_hits
+        self.deterministic = deterministic
+        self.hparams = hparams
+
+    def extra_repr(self) -> str:
+        extras = "".join(f", {k}={v}" for k, v in self.hparams.items())
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}{extras}"
+
+    def _call(self, query: Tensor, pos: Tensor | None, neg: Tensor | None, padding_mask: Tensor | None,
+              kwargs: dict[str, Any]) -> Tensor:
+        if query.dim() < 1:
+            raise ValueError(f"query must have shape [..., d], got {tuple(query.shape)}")
+        lead = tuple(query.shape[:-1])
+        k = len(lead)
+
+        def rows(name: str, t: Tensor | None, extra: int) -> Tensor | None:
+            if t is None:
+                return None
+            if tuple(t.shape[:k]) != lead or t.dim() != k + extra:
+                raise ValueError(f"{name} must have the query's leading shape {lead} followed by {extra} more "
+                                 f"dimension(s), got {tuple(t.shape)}")
+            return t.reshape(-1, *t.shape[k:])
+
+        per_row_neg = neg is not None and kwargs.get("neg_idx") is None and neg.dim() == k + 2
+        q = query.reshape(-1, query.shape[-1])
+        pos = rows("pos", pos, 1)
+        if per_row_neg:
+            neg = rows("neg", neg, 2)
+        for name in _ROW_ARGS:
+            kwargs[name] = rows(name, kwargs.get(name), 0)
+        kwargs["neg_idx"] = rows("neg_idx", kwargs.get("neg_idx"), 1)
+        for name in ("log_q", "neg_mask", "neg_ids"):
+            t = kwargs.get(name)
+            if t is not None and t.dim() == k + 1 and (per_row_neg or name != "log_q"):
+                kwargs[name] = rows(name, t, 1)
+        if padding_mask is not None:
+            keep = (~rows("padding_mask", padding_mask, 0)).to(q.dtype)
+            kwargs["weight"] = keep if kwargs["weight"] is None else kwargs["weight"] * keep
+        out = type(self).fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction,
+                            backend=self.backend, remove_accidental_hits=self.remove_accidental_hits,
+                            deterministic=self.deterministic, **self.hparams, **kwargs)
+        return out.reshape(lead) if self.reduction == "none" else out
+
+    def forward(self, query: Tensor, pos: Tensor | None = None, neg: Tensor | None = None, *,
+                padding_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """query [..., d]; pos [..., d] (or ``pos_idx=``); neg [N, d] | [..., N, d] | table [I, d] with
+        ``neg_idx=`` [..., N]; any other keyword of :mod:`fastrecloss.functional`."""
+        return self._call(query, pos, neg, padding_mask, dict(kwargs))
+
+
+class InfoNCELoss(_RecLoss):
+    """InfoNCE / sampled softmax (pass ``log_q`` for the logQ-corrected sampled softmax)."""
+
+    fn = staticmethod(F.infonce)
+
+
+class InfoNCEPlusLoss(_RecLoss):
+    fn = staticmethod(F.infonce_plus)
+
+    def __init__(self, *, eps: float = 0.0, lam: float = 1.1, **kw: Any) -> None:
+        super().__init__(eps=eps, lam=lam, **kw)
+
+
+class DCLLoss(_RecLoss):
+    fn = staticmethod(F.dcl)
+
+
+class MINELoss(_RecLoss):
+    fn = staticmethod(F.mine)
+
+
+class MINEPlusLoss(_RecLoss):
+    fn = staticmethod(F.mine_plus)
+
+    def __init__(self, *, lam: float = 1.1, **kw: Any) -> None:
+        super().__init__(lam=lam, **kw)
+
+
+class BPRLoss(_RecLoss):
+    fn = staticmethod(F.bpr)
+
+    def __init__(self, *, neg_reduction: str = "mean", **kw: Any) -> None:
+        super().__init__(neg_reduction=neg_reduction, **kw)
+
+
+class BCELoss(_RecLoss):
+    """BCE, or gBCE (gSASRec) with ``beta`` ≠ 1."""
+
+    fn = staticmethod(F.bce)
+
+    def __init__(self, *, beta: float = 1.0, neg_reduction: str = "mean", **kw: Any) -> None:
+        super().__init__(beta=beta, neg_reduction=neg_reduction, **kw)
+
+
+class CCLLoss(_RecLoss):
+    fn = staticmethod(F.ccl)
+
+    def __init__(self, *, margin: float = 0.5, neg_weight: float = 1.0, neg_reduction: str = "mean",
+                 **kw: Any) -> None:
+        super().__init__(margin=margin, neg_weight=neg_weight, neg_reduction=neg_reduction, **kw)
+
+
+class SoftmaxCELoss(_RecLoss):
+    """Full-catalogue softmax cross-entropy: ``loss(query [..., d], table [I, d], target [...])``."""
+
+    @staticmethod
+    def fn(query: Tensor, pos: Tensor | None, table: Tensor, *, pos_idx: Tensor, **kw: Any) -> Tensor:
+        return F.softmax_ce(query, table, pos_idx, **kw)
+
+    def forward(self, query: Tensor, table: Tensor, target: Tensor, *,  # type: ignore[override]
+                padding_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        return self._call(query, None, table, padding_mask, {**kwargs, "pos_idx": target})

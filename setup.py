@@ -1,0 +1,11 @@
+"""Installs ``fastrecloss`` and maps the top-level ``kernels/`` folder to ``fastrecloss.kernels``.
+
+All metadata lives in pyproject.toml; this file only declares the package layout.
+"""
+
+from setuptools import setup
+
+setup(
+    packages=["fastrecloss", "fastrecloss.models", "fastrecloss.kernels"],
+    package_dir={"fastrecloss": "fastrecloss", "fastrecloss.kernels": "kernels"},
+)
