@@ -1,22 +1,34 @@
-"""The ``fastrecloss`` console command: ``demo`` (and later ``train``, ``bench``, ``kernels``)."""
+"""The ``fastrecloss`` console command.
+
+Each subcommand lives in its own module that defines ``add_arguments(parser)`` and
+``run(args) -> int``; this file only routes to them (and imports them lazily).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+COMMANDS = {
+    "demo": ("fastrecloss.demo", "every loss on every backend: agreement, time and memory"),
+    "train": ("fastrecloss.train_cli", "train a reference model (mf, contrastvae, sasrec)"),
+    "bench": ("fastrecloss.bench_cli", "benchmark the backends against the peers"),
+    "kernels": ("fastrecloss.kernels_cli", "compile every Triton kernel ahead of time for sm_80/sm_90"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastrecloss", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastrecloss", description="Fused recommendation losses for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="every loss on every backend: agreement, time and memory")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes (for tests)")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text)
+        if name == chosen:  # import only the module that runs
+            importlib.import_module(module).add_arguments(cmd)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        return run_demo(quick=args.quick)
-    return 2
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 
 if __name__ == "__main__":
