@@ -29,10 +29,19 @@ def chunk_rows(p: Problem) -> int:
     return max(1, min(p.R, CHUNK_ELEMENTS // per_row))
 
 
-def row_math(spec: LossSpec, s: Tensor, s_pos: Tensor | None, n: Tensor) -> tuple[Tensor, Tensor | None]:
+def _softplus_sum(s: Tensor, aux: Tensor | None) -> Tensor:
+    """Σ_j softplus(s_j) per row, using ``aux`` (same shape as ``s``) as scratch when given."""
+    if aux is None:
+        return F.softplus(s).sum(dim=1)
+    return torch.logaddexp(s, s.new_zeros(()), out=aux).sum(dim=1)
+
+
+def row_math(spec: LossSpec, s: Tensor, s_pos: Tensor | None, n: Tensor,
+             aux: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Row losses of a chunk; overwrites ``s`` [c, N] (scores, −inf = masked) with g = ∂L/∂s.
 
-    Returns (loss [c], g_pos [c] or None). ``n`` [c] counts the unmasked negatives.
+    Returns (loss [c], g_pos [c] or None). ``n`` [c] counts the unmasked negatives; ``aux`` is
+    an optional scratch buffer shaped like ``s`` (the pointwise losses use it).
     """
     has_neg = n > 0
     if spec.kind == Kind.CONTRASTIVE:
@@ -67,32 +76,60 @@ def row_math(spec: LossSpec, s: Tensor, s_pos: Tensor | None, n: Tensor) -> tupl
     denom = torch.ones_like(n) if spec.neg_sum else n.clamp(min=1)
     if spec.kind == Kind.BPR:
         s.sub_(s_pos[:, None])
-        loss = F.softplus(s).sum(dim=1) / denom
+        loss = _softplus_sum(s, aux) / denom
         s.sigmoid_().div_(denom[:, None])
         return loss, -s.sum(dim=1)
     if spec.kind == Kind.BCE:
-        loss = spec.beta * F.softplus(-s_pos) + F.softplus(s).sum(dim=1) / denom
+        loss = spec.beta * F.softplus(-s_pos) + _softplus_sum(s, aux) / denom
         s.sigmoid_().div_(denom[:, None])
         return loss, -spec.beta * torch.sigmoid(-s_pos)
     if spec.kind == Kind.CCL:
         s.sub_(spec.margin)
-        loss = F.relu(1 - s_pos) + spec.neg_weight * F.relu(s).sum(dim=1) / denom
+        loss = F.relu(1 - s_pos) + spec.neg_weight * s.clamp_min(0).sum(dim=1) / denom
         torch.gt(s, 0, out=s)
         s.mul_((spec.neg_weight / denom)[:, None])
         return loss, -(s_pos < 1).to(s.dtype)
     raise ValueError(f"unknown loss kind {spec.kind!r}")
 
 
-def _chunk_mask(p: Problem, r0: int, r1: int) -> Tensor | None:
-    """Bool [c, N] (or broadcastable [1, N]) of excluded negatives for rows r0:r1, or None."""
-    mask = None
+class _Workspace:
+    """Per-chunk buffers, allocated once and reused by every chunk (views are cut per chunk)."""
+
+    def __init__(self, p: Problem, chunk: int, dtype: torch.dtype, pointwise: bool) -> None:
+        dev, N, d = p.query.device, p.N, p.d
+        self.scores = torch.empty(chunk * N, dtype=dtype, device=dev)
+        self.aux = torch.empty(chunk * N, dtype=dtype, device=dev) if pointwise else None
+        self.negs = torch.empty(chunk * N * d, dtype=dtype, device=dev) if p.layout != "shared" else None
+        has_mask = p.neg_mask is not None or p.hit_pos_ids is not None
+        self.mask = torch.empty(chunk * N, dtype=torch.bool, device=dev) if has_mask else None
+        self.hits = torch.empty(chunk * N, dtype=torch.bool, device=dev) if p.hit_pos_ids is not None else None
+
+    @staticmethod
+    def view(buf: Tensor | None, *shape: int) -> Tensor | None:
+        if buf is None:
+            return None
+        numel = 1
+        for size in shape:
+            numel *= size
+        return buf[:numel].view(*shape)
+
+
+def _chunk_mask(p: Problem, r0: int, r1: int, ws: _Workspace) -> Tensor | None:
+    """Bool [c, N] of excluded negatives for rows r0:r1 (in the workspace), or None."""
+    if ws.mask is None:
+        return None
+    c, N = r1 - r0, p.N
+    mask = ws.view(ws.mask, c, N)
     if p.neg_mask is not None:
         m = p.neg_mask
-        mask = m[None, :] if m.dim() == 1 else m[r0:r1]
+        mask.copy_(m[None, :].expand(c, N) if m.dim() == 1 else m[r0:r1])
+    else:
+        mask.zero_()
     if p.hit_pos_ids is not None:
         neg_ids = p.hit_neg_ids if p.hit_neg_ids.dim() == 1 else p.hit_neg_ids[r0:r1]
-        hits = p.hit_pos_ids[r0:r1, None] == neg_ids
-        mask = hits if mask is None else (mask | hits)
+        hits = ws.view(ws.hits, c, N)
+        torch.eq(p.hit_pos_ids[r0:r1, None], neg_ids, out=hits)
+        mask.logical_or_(hits)
     return mask
 
 
@@ -111,65 +148,66 @@ def forward_backward(
     Index gradients are accumulated with ``index_add_`` (sequential on CPU), or with
     ``index_put_(accumulate=True)`` (sorted, deterministic) on CUDA when ``deterministic``.
     """
-    f32 = acc_dtype(p.query.dtype)
+    acc = acc_dtype(p.query.dtype)
     R, N, d = p.R, p.N, p.d
     dev = p.query.device
     inv_tau = 1.0 / p.temperature
     want_grad = row_scale is not None
     need_q, need_p, need_n = needs if want_grad else (False, False, False)
 
-    table = p.neg.to(f32) if p.layout != "per_row" else None  # [N, d] or [I, d]; a view when fp32
-    loss = torch.empty(R, dtype=f32, device=dev)
-    grad_q = torch.empty(R, d, dtype=f32, device=dev) if need_q else None
-    grad_p = torch.empty(R, d, dtype=f32, device=dev) if (need_p and p.pos is not None) else None
-    grad_neg = torch.zeros(p.neg.shape, dtype=f32, device=dev) if need_n else None
+    table = p.neg.to(acc) if p.layout != "per_row" else None  # [N, d] or [I, d]; a view when already acc
+    log_q = p.log_q.to(acc) if p.log_q is not None else None
+    loss = torch.empty(R, dtype=acc, device=dev)
+    grad_q = torch.empty(R, d, dtype=acc, device=dev) if need_q else None
+    grad_p = torch.empty(R, d, dtype=acc, device=dev) if (need_p and p.pos is not None) else None
+    grad_neg = torch.zeros(p.neg.shape, dtype=acc, device=dev) if need_n else None
 
     chunk = chunk_rows(p)
-    buf = torch.empty(chunk * N, dtype=f32, device=dev)
+    ws = _Workspace(p, chunk, acc, pointwise=spec.kind != Kind.CONTRASTIVE)
     for r0 in range(0, R, chunk):
         r1 = min(R, r0 + chunk)
         c = r1 - r0
-        q = p.query[r0:r1].to(f32)
-        s = buf[: c * N].view(c, N)
-        negs = None  # [c, N, d] for per-row / indexed
+        q = p.query[r0:r1].to(acc)
+        s = ws.view(ws.scores, c, N)
+        negs = ws.view(ws.negs, c, N, d)  # gathered / converted negatives of the chunk
         if p.layout == "shared":
             torch.mm(q, table.T, out=s)
         else:
             if p.layout == "per_row":
-                negs = p.neg[r0:r1].to(f32)
+                negs.copy_(p.neg[r0:r1])
             else:
-                negs = table[p.neg_idx[r0:r1]]
+                torch.index_select(table, 0, p.neg_idx[r0:r1].reshape(-1), out=negs.view(c * N, d))
             torch.bmm(negs, q[:, :, None], out=s[:, :, None])
         s.mul_(inv_tau)
-        if p.log_q is not None:
+        if log_q is not None:
             if p.layout == "shared":
-                s.sub_(p.log_q.to(f32))
+                s.sub_(log_q)
             elif p.layout == "per_row":
-                s.sub_(p.log_q[r0:r1].to(f32))
+                s.sub_(log_q[r0:r1])
             else:
-                s.sub_(p.log_q.to(f32)[p.neg_idx[r0:r1]])
-        mask = _chunk_mask(p, r0, r1)
+                s.sub_(log_q[p.neg_idx[r0:r1]])
+        mask = _chunk_mask(p, r0, r1, ws)
         if mask is not None:
             s.masked_fill_(mask, -math.inf)
-            n = (N - mask.sum(dim=1)).expand(c).to(f32)
+            n = (N - mask.sum(dim=1)).to(acc)
         else:
-            n = torch.full((c,), float(N), dtype=f32, device=dev)
+            n = torch.full((c,), float(N), dtype=acc, device=dev)
 
         pos = None
         s_pos = None
         if p.has_pos:
-            pos = p.pos[r0:r1].to(f32) if p.pos is not None else table[p.pos_idx[r0:r1]]
+            pos = p.pos[r0:r1].to(acc) if p.pos is not None else table[p.pos_idx[r0:r1]]
             s_pos = (q * pos).sum(dim=1) * inv_tau
             if p.pos_log_q is not None:
-                s_pos = s_pos - p.pos_log_q[r0:r1].to(f32)
+                s_pos = s_pos - p.pos_log_q[r0:r1].to(acc)
 
-        loss_c, g_pos = row_math(spec, s, s_pos, n)
+        loss_c, g_pos = row_math(spec, s, s_pos, n, ws.view(ws.aux, c, N))
         loss[r0:r1] = loss_c
         if not want_grad:
             continue
 
         # Chain rule through s = <q, v>/τ: scale g by row_scale/τ once, then GEMMs.
-        scale = row_scale[r0:r1].to(f32) * inv_tau
+        scale = row_scale[r0:r1].to(acc) * inv_tau
         s.mul_(scale[:, None])
         g_pos = g_pos * scale if g_pos is not None else None
         if need_q:
@@ -187,9 +225,9 @@ def forward_backward(
                 grad_neg.addmm_(s.T, q)
             elif p.layout == "per_row":
                 torch.mul(s[:, :, None], q[:, None, :], out=grad_neg[r0:r1])
-            else:
-                contrib = (s[:, :, None] * q[:, None, :]).reshape(-1, d)
-                _scatter_add(grad_neg, p.neg_idx[r0:r1].reshape(-1), contrib, deterministic)
+            else:  # the gathered negatives are no longer needed: reuse their buffer
+                torch.mul(s[:, :, None], q[:, None, :], out=negs)
+                _scatter_add(grad_neg, p.neg_idx[r0:r1].reshape(-1), negs.view(c * N, d), deterministic)
             if p.pos_idx is not None and g_pos is not None:
                 _scatter_add(grad_neg, p.pos_idx[r0:r1], g_pos[:, None] * q, deterministic)
     return loss, grad_q, grad_p, grad_neg
