@@ -139,16 +139,22 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     args = [getattr(p, f) for f in _TENSOR_FIELDS]
     static = [p.layout, p.temperature, int(spec.kind), spec.params, backend, deterministic]
     dtype = p.query.dtype
-    if reduction == "none":
+    grad_on = torch.is_grad_enabled()
+    acc = acc_dtype(dtype)
+    # A weight that needs a gradient (∂loss/∂w_r = L_r, and the mean's denominator) goes through
+    # the per-row op and autograd; the fused scalar op treats the row scale as a constant.
+    if reduction == "none" or (weight is not None and weight.requires_grad and grad_on):
         rows = loss_rows(*args, *static)
         if weight is not None:
             rows = rows * weight.to(rows.dtype)
+        if reduction == "sum":
+            rows = rows.sum()
+        elif reduction == "mean":
+            rows = rows.sum() / weight.to(acc).sum().clamp_min(torch.finfo(acc).tiny)
         return rows.to(dtype)
-    grad_on = torch.is_grad_enabled()
     needs = [grad_on and p.query.requires_grad,
              grad_on and p.pos is not None and p.pos.requires_grad,
              grad_on and p.neg.requires_grad]
-    acc = acc_dtype(dtype)
     row_scale = weight.to(acc) if weight is not None else torch.ones(p.R, dtype=acc, device=p.query.device)
     if reduction == "mean":
         row_scale = row_scale / row_scale.sum().clamp_min(torch.finfo(acc).tiny)

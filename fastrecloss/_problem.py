@@ -140,6 +140,10 @@ def build_problem(
         _check_float("pos", pos, 2, "[R, d]")
         if pos.shape != query.shape:
             raise ValueError(f"pos must have shape [R, d] = {tuple(query.shape)}, got {tuple(pos.shape)}")
+        if pos.dtype != query.dtype:
+            raise TypeError(f"pos must have the query's dtype {query.dtype}, got {pos.dtype}")
+        if pos.device != query.device:
+            raise ValueError(f"pos is on {pos.device} but query is on {query.device}")
         # Row r's positive is column r; every column with the same id (itself included) is excluded.
         ids = pos_ids if pos_ids is not None else torch.arange(R, device=query.device)
         _check_shape("pos_ids", ids, (R,), "[R]", kind="int")
@@ -147,7 +151,7 @@ def build_problem(
             raise ValueError("in_batch=True takes the negatives' ids from pos_ids; do not pass neg_ids")
         _check_shape("log_q", log_q, (R,), "[R] (one per in-batch item)", kind="float")
         _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float")
-        _check_shape("neg_mask", neg_mask, (R,) if neg_mask is not None and neg_mask.dim() == 1 else (R, R),
+        _check_shape("neg_mask", neg_mask, (R,) if isinstance(neg_mask, Tensor) and neg_mask.dim() == 1 else (R, R),
                      "[R] or [R, R]", kind="bool")
         return Problem("shared", query, pos, None, torch.arange(R, device=query.device), None, log_q, pos_log_q,
                        ids, ids, neg_mask, float(temperature))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, reference
-from ._problem import BACKENDS, REDUCTIONS, build_problem, check_choice, check_weight
+from ._problem import BACKENDS, REDUCTIONS, _check_range, _check_shape, build_problem, check_choice, check_weight
 from ._spec import Kind, LossSpec, contrastive, neg_sum_flag
 
 __all__ = [
@@ -137,10 +137,15 @@ def softmax_ce(query: Tensor, table: Tensor, target: Tensor, **common: Any) -> T
     R×I logits in the torch/triton backends.
     """
     for key in ("pos_idx", "neg_idx", "in_batch"):
-        if common.get(key):
+        if common.get(key) is not None and common.get(key) is not False:
             raise ValueError(f"softmax_ce takes the catalogue as table and target; {key} is not accepted")
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be an integer tensor of shape [R], got {type(target).__name__}")
+    # Checked here so that the errors name ``target`` (it is passed on as ``pos_idx``).
+    if isinstance(query, Tensor) and query.dim() == 2:
+        _check_shape("target", target, (query.shape[0],), "[R]", kind="int")
+    if isinstance(table, Tensor) and table.dim() == 2:
+        _check_range("target", target, table.shape[0], "the catalogue table")
     return compute_loss(contrastive(0.0, 1.0, 0.0), query, None, table, pos_idx=target, **common)
 
 

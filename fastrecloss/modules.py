@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as F
@@ -71,8 +72,15 @@ class _RecLoss(nn.Module):
             if t is not None and t.dim() == k + 1 and (per_row_neg or name != "log_q"):
                 kwargs[name] = rows(name, t, 1)
         if padding_mask is not None:
-            keep = (~rows("padding_mask", padding_mask, 0)).to(q.dtype)
+            if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+                got = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
+                raise TypeError(f"padding_mask must be a bool tensor (True = padding) of shape {lead}, got {got}")
+            pad = rows("padding_mask", padding_mask, 0)
+            keep = (~pad).to(q.dtype)
             kwargs["weight"] = keep if kwargs["weight"] is None else kwargs["weight"] * keep
+            if kwargs.get("in_batch"):  # a padded row's positive is no negative of the other rows either
+                mask = kwargs.get("neg_mask")
+                kwargs["neg_mask"] = pad if mask is None else mask | (pad if mask.dim() == 1 else pad[None, :])
         out = type(self).fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction,
                             backend=self.backend, remove_accidental_hits=self.remove_accidental_hits,
                             deterministic=self.deterministic, **self.hparams, **kwargs)

@@ -1,0 +1,1 @@
+"""Benchmarks are opt-in: ``pytest bench/ --benchmark-only`` (the default test run collects tests/ only)."""
