@@ -9,6 +9,8 @@ Suites (``--suite``):
   beside the peers (eager reference, ``torch.compile`` of the reference, hand-written
   gather+einsum+logsumexp, ``linear_cross_entropy`` and cut-cross-entropy for full catalogue).
 * ``scaling`` — sweeps over N (pool / catalogue), R, negatives per row and d, log-log plots.
+* ``limits`` — the largest catalogue (full-catalogue CE, R=8192) and the most negatives per row
+  (indexed, R=4096) each implementation fits within 8 GiB.
 
 Every measurement runs in a fresh process (peak extra memory cannot leak between cases). Results
 go to ``--out``: ``results.csv``, ``report.md`` and PNG plots. On CUDA the same command times
@@ -181,6 +183,57 @@ def run_scaling(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     return results, lines
 
 
+LIMIT_SWEEPS = {
+    "catalogue": (Case("softmax_ce", "catalogue", rows=8192, n=0), (10_000, 40_000)),
+    "indexed negatives per row": (Case("mine_plus", "indexed", rows=4096, n=0, items=100_000), (64, 256)),
+}
+
+
+def input_bytes(case: Case) -> int:
+    """Bytes of the inputs and of their gradients (which any implementation must hold)."""
+    elem = 4 if case.dtype == "float32" else 2
+    d = case.dim
+    if case.layout == "catalogue":
+        return 2 * (case.rows + case.n) * d * elem + 8 * case.rows
+    if case.layout == "indexed":
+        return 2 * (2 * case.rows + case.items) * d * elem + 8 * case.rows * case.n
+    return 2 * (2 * case.rows + case.n * (case.rows if case.layout == "per_row" else 1)) * d * elem
+
+
+def run_limits(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Largest N within ``--limit-gib`` per implementation: the peak (inputs + gradients + peak extra)
+    is measured at two sizes, fitted linearly in N, solved for the limit, and then checked by a
+    measured run at the predicted size when that run is predicted to take under ``--limit-check-s``."""
+    from dataclasses import replace
+
+    limit = args.limit_gib * GIB
+    results, lines = [], ["| problem | impl | largest N within "
+                          f"{args.limit_gib:g} GiB | how | measured total at that N (GiB) |", "|---|---|---:|---|---:|"]
+    for name, (base, (n1, n2)) in LIMIT_SWEEPS.items():
+        for impl in ours(args.device) + [p for p in peers(base) if p != "compiled_reference"]:
+            pts = [_run(replace(base, n=n), impl, "fwdbwd", args.device, 1, float("inf")) for n in (n1, n2)]
+            results += pts
+            if any("error" in p for p in pts):
+                lines.append(f"| {name} | {impl} | — | {pts[0].get('error') or pts[1].get('error')} | |")
+                continue
+            total = [input_bytes(replace(base, n=n)) + p["peak_extra_mib"] * 2**20 for n, p in zip((n1, n2), pts)]
+            slope = (total[1] - total[0]) / (n2 - n1)
+            n_max = int(n2 + (limit - total[1]) / slope) if slope > 0 else 0
+            t_pred = pts[1]["time_ms"] / 1e3 * n_max / n2
+            how, measured = f"fit through N={n1:,}, {n2:,}", ""
+            if n_max > 0 and t_pred < args.limit_check_s:
+                check = _run(replace(base, n=n_max), impl, "fwdbwd", args.device, 1, float("inf"))
+                results.append(check)
+                if "error" not in check:
+                    tot = input_bytes(replace(base, n=n_max)) + check["peak_extra_mib"] * 2**20
+                    measured = f"{tot / GIB:.2f}"
+                    how += ", checked by a run"
+            else:
+                how += f", extrapolated (a check run would take ~{t_pred:.0f} s)"
+            lines.append(f"| {name} (R={base.rows}, d={base.dim}) | {impl} | {n_max:,} | {how} | {measured} |")
+    return results, lines
+
+
 def _fmt(r: dict, key: str) -> str:
     return "—" if "error" in r else f"{r[key]:.1f}"
 
@@ -223,7 +276,7 @@ def plot_scaling(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-SUITES = {"acceptance": run_acceptance, "full": run_full, "scaling": run_scaling}
+SUITES = {"acceptance": run_acceptance, "full": run_full, "scaling": run_scaling, "limits": run_limits}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +287,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="4x smaller sizes")
     parser.add_argument("--naive-budget-gib", type=float, default=12.0,
                         help="skip naive peers whose score/gather tensors would exceed this")
+    parser.add_argument("--limit-gib", type=float, default=8.0, help="memory limit of the limits suite")
+    parser.add_argument("--limit-check-s", type=float, default=120.0,
+                        help="limits suite: verify the predicted size by a run when it takes less than this")
 
 
 def run(args: argparse.Namespace) -> int:
