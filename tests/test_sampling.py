@@ -1,0 +1,113 @@
+"""Negative samplers: empirical frequencies, logQ corrections, exclusion of positives."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from fastrecloss.sampling import NegativeSampler, UserItemSet, in_batch_log_q
+
+
+def chi2_critical(df: int, z: float = 3.719) -> float:
+    """Wilson–Hilferty approximation of the chi-square quantile (z = 3.719: p ≈ 1e-4)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_matches(draws: Tensor, probs: Tensor) -> None:
+    """Pearson chi-square goodness of fit over the categories with probability > 0."""
+    counts = torch.bincount(draws.reshape(-1), minlength=probs.shape[0]).double()
+    n = counts.sum()
+    support = probs > 0
+    assert counts[~support].sum() == 0, "drew an item with probability 0"
+    expected = n * probs[support]
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    df = int(support.sum()) - 1
+    assert stat < chi2_critical(df), f"chi-square {stat:.1f} > critical {chi2_critical(df):.1f} (df {df})"
+
+
+
+def test_uniform_frequencies_and_log_q() -> None:
+    s = NegativeSampler(40, "uniform", generator=torch.Generator().manual_seed(1))
+    ids, log_q = s.sample_shared(100_000)
+    assert_matches(ids, torch.full((40,), 1 / 40, dtype=torch.float64))
+    assert torch.allclose(log_q, torch.full_like(log_q, math.log(100_000 / 40)))
+
+
+def test_popularity_frequencies_and_log_q() -> None:
+    counts = np.array([0, 1, 2, 3, 10, 20, 50, 4, 0, 10])
+    for alpha in (1.0, 0.5):
+        s = NegativeSampler(10, "popularity", counts, alpha=alpha, generator=torch.Generator().manual_seed(2))
+        probs = torch.as_tensor(counts, dtype=torch.float64) ** alpha
+        probs = probs / probs.sum()
+        ids, log_q = s.sample_per_row(torch.zeros(500, dtype=torch.int64), 200)
+        assert ids.shape == (500, 200) and log_q.shape == (500, 200)
+        assert_matches(ids, probs)
+        assert torch.allclose(log_q.double(), (probs[ids] * 200).log(), atol=1e-5)
+        table = s.log_q_table(7)
+        assert torch.allclose(table.exp().double().sum(), torch.tensor(7.0, dtype=torch.float64), rtol=1e-5)
+
+
+def test_wrong_distribution_is_detected() -> None:
+    # The goodness-of-fit check can fail: popularity draws do not pass as uniform.
+    s = NegativeSampler(10, "popularity", np.arange(1, 11), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(AssertionError, match="chi-square"):
+        assert_matches(s.sample_shared(20_000)[0], torch.full((10,), 0.1, dtype=torch.float64))
+
+
+def test_corrected_sum_is_unbiased() -> None:
+    # E[Σ_j exp(s_j − log_q_j)] over n draws = Σ_i exp(s_i): the logQ correction's promise.
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(30, generator=g, dtype=torch.float64)
+    counts = np.random.default_rng(0).integers(1, 100, 30)
+    s = NegativeSampler(30, "popularity", counts, generator=g)
+    ids, log_q = s.sample_per_row(torch.zeros(20_000, dtype=torch.int64), 8)
+    est = (scores[ids] - log_q.double()).exp().sum(dim=1)
+    exact = scores.exp().sum()
+    se = est.std() / math.sqrt(est.shape[0])
+    assert abs(est.mean() - exact) < 4 * se
+
+
+def test_exclusion_of_positives() -> None:
+    users = np.array([0, 0, 0, 1, 1])
+    items = np.array([0, 1, 2, 2, 3])
+    known = UserItemSet(users, items, num_items=6)
+    q = torch.tensor([[0, 1, 2, 3, 4, 5]])
+    assert known.contains(torch.tensor([[0], [1]]), q).tolist() == [
+        [True, True, True, False, False, False], [False, False, True, True, False, False]]
+    mask = known.mask(torch.tensor([1, 0]), torch.tensor([3, 0, 5]))
+    assert mask.tolist() == [[True, False, False], [False, True, False]]
+    s = NegativeSampler(6, "uniform", generator=torch.Generator().manual_seed(5))
+    batch_users = torch.tensor([0] * 300 + [1] * 300)
+    ids, _ = s.sample_per_row(batch_users, 100, exclude=known)
+    assert not known.contains(batch_users[:, None], ids).any()
+    # Among the allowed items the draws stay uniform.
+    assert_matches(ids[:300], torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.float64) / 3)
+    assert_matches(ids[300:], torch.tensor([1, 1, 0, 0, 1, 1], dtype=torch.float64) / 4)
+
+
+def test_exclusion_impossible_raises() -> None:
+    known = UserItemSet(np.zeros(3, dtype=np.int64), np.arange(3), num_items=3)
+    s = NegativeSampler(3, "uniform")
+    with pytest.raises(ValueError, match="could not draw negatives"):
+        s.sample_per_row(torch.zeros(2, dtype=torch.int64), 4, exclude=known, max_rounds=5)
+
+
+def test_seeded_and_validated() -> None:
+    a = NegativeSampler(50, generator=torch.Generator().manual_seed(9)).sample_shared(20)[0]
+    b = NegativeSampler(50, generator=torch.Generator().manual_seed(9)).sample_shared(20)[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="item_counts"):
+        NegativeSampler(5, "popularity")
+    with pytest.raises(ValueError, match="kind"):
+        NegativeSampler(5, "in-batch")
+
+
+def test_in_batch_log_q() -> None:
+    counts = np.array([1, 3, 6])
+    items = torch.tensor([2, 0, 2, 1])
+    expected = torch.log(torch.tensor([0.6, 0.1, 0.6, 0.3]) * 4)
+    assert torch.allclose(in_batch_log_q(items, counts), expected)
