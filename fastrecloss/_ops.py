@@ -71,16 +71,16 @@ def _rows_setup(ctx, inputs, output):
 
 def _rows_backward(ctx, grad_rows):
     tensors = ctx.saved_tensors
-    layout, temperature, kind, params, backend, deterministic = ctx.static
-    p = _problem(tensors, layout, temperature)
-    query_dtype = p.query.dtype
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[1])
-    _, gq, gp, gn = _backend(backend).forward_backward(
-        p, LossSpec.from_params(kind, params), grad_rows.to(acc_dtype(query_dtype)), needs, deterministic)
+    query, pos = tensors[0], tensors[2]
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and pos is not None, ctx.needs_input_grad[1]]
+    # The recomputation goes through the loss_scalar op rather than the backend directly, so that
+    # torch.compile traces it as an opaque op with a fake implementation (the triton backend cannot
+    # launch kernels on the fake tensors of a trace).
+    _, gq, gp, gn = loss_scalar(*tensors, *ctx.static, grad_rows.to(acc_dtype(query.dtype)), needs)
     grads = [None] * 16
-    grads[0] = gq.to(p.query.dtype) if gq is not None else None
-    grads[1] = gn.to(p.neg.dtype) if gn is not None else None
-    grads[2] = gp.to(p.pos.dtype) if gp is not None else None
+    grads[0] = gq if needs[0] else None
+    grads[1] = gn if needs[2] else None
+    grads[2] = gp if needs[1] else None
     return tuple(grads)
 
 
@@ -117,6 +117,7 @@ def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_
 def _scalar_setup(ctx, inputs, output):
     _, gq, gp, gn = output
     ctx.save_for_backward(gq, gp, gn)
+    ctx.set_materialize_grads(False)  # the gradient outputs get no upstream gradient: no zero tensors
 
 
 def _scalar_backward(ctx, grad_total, *_unused):
@@ -141,17 +142,22 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     dtype = p.query.dtype
     grad_on = torch.is_grad_enabled()
     acc = acc_dtype(dtype)
-    # A weight that needs a gradient (∂loss/∂w_r = L_r, and the mean's denominator) goes through
-    # the per-row op and autograd; the fused scalar op treats the row scale as a constant.
-    if reduction == "none" or (weight is not None and weight.requires_grad and grad_on):
+    # The per-row op recomputes the scores in its backward. It serves reduction='none', a weight
+    # that needs a gradient (∂loss/∂w_r = L_r), and the per-row layout, whose negatives' gradient
+    # is as large as the input: recomputing the scores is cheaper than scaling that gradient by the
+    # upstream gradient afterwards. Otherwise the fused scalar op computes the gradients in the
+    # forward and treats the row scale as a constant.
+    if reduction == "none" or p.layout == "per_row" or (weight is not None and weight.requires_grad and grad_on):
         rows = loss_rows(*args, *static)
         if weight is not None:
             rows = rows * weight.to(rows.dtype)
-        if reduction == "sum":
-            rows = rows.sum()
-        elif reduction == "mean":
-            rows = rows.sum() / weight.to(acc).sum().clamp_min(torch.finfo(acc).tiny)
-        return rows.to(dtype)
+        if reduction == "none":
+            return rows.to(dtype)
+        total = rows.sum()
+        if reduction == "mean":
+            denom = weight.to(acc).sum() if weight is not None else torch.tensor(float(p.R), dtype=acc)
+            total = total / denom.clamp_min(torch.finfo(acc).tiny)
+        return total.to(dtype)
     needs = [grad_on and p.query.requires_grad,
              grad_on and p.pos is not None and p.pos.requires_grad,
              grad_on and p.neg.requires_grad]

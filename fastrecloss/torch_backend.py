@@ -99,7 +99,9 @@ class _Workspace:
         dev, N, d = p.query.device, p.N, p.d
         self.scores = torch.empty(chunk * N, dtype=dtype, device=dev)
         self.aux = torch.empty(chunk * N, dtype=dtype, device=dev) if pointwise else None
-        self.negs = torch.empty(chunk * N * d, dtype=dtype, device=dev) if p.layout != "shared" else None
+        # Gathered negatives (indexed) or converted ones (per-row inputs not already in ``dtype``).
+        gathered = p.layout == "indexed" or (p.layout == "per_row" and p.neg.dtype != dtype)
+        self.negs = torch.empty(chunk * N * d, dtype=dtype, device=dev) if gathered else None
         has_mask = p.neg_mask is not None or p.hit_pos_ids is not None
         self.mask = torch.empty(chunk * N, dtype=torch.bool, device=dev) if has_mask else None
         self.hits = torch.empty(chunk * N, dtype=torch.bool, device=dev) if p.hit_pos_ids is not None else None
@@ -160,7 +162,9 @@ def forward_backward(
     loss = torch.empty(R, dtype=acc, device=dev)
     grad_q = torch.empty(R, d, dtype=acc, device=dev) if need_q else None
     grad_p = torch.empty(R, d, dtype=acc, device=dev) if (need_p and p.pos is not None) else None
-    grad_neg = torch.zeros(p.neg.shape, dtype=acc, device=dev) if need_n else None
+    grad_neg = None
+    if need_n:  # per-row: every entry is written once; the tables accumulate
+        grad_neg = (torch.empty if p.layout == "per_row" else torch.zeros)(p.neg.shape, dtype=acc, device=dev)
 
     chunk = chunk_rows(p)
     ws = _Workspace(p, chunk, acc, pointwise=spec.kind != Kind.CONTRASTIVE)
@@ -174,10 +178,11 @@ def forward_backward(
             torch.mm(q, table.T, out=s)
         else:
             if p.layout == "per_row":
-                negs.copy_(p.neg[r0:r1])
+                negs = negs.copy_(p.neg[r0:r1]) if negs is not None else p.neg[r0:r1]
             else:
                 torch.index_select(table, 0, p.neg_idx[r0:r1].reshape(-1), out=negs.view(c * N, d))
-            torch.bmm(negs, q[:, :, None], out=s[:, :, None])
+            # q as a row vector times the transposed negatives: the fast batched-GEMV orientation
+            torch.bmm(q[:, None, :], negs.transpose(1, 2), out=s[:, None, :])
         s.mul_(inv_tau)
         if log_q is not None:
             if p.layout == "shared":
