@@ -1,0 +1,271 @@
+"""Row math shared by every kernel template: the per-kind formulas of SPEC §2, in fp32.
+
+A row's negatives stream by in tiles ``s`` [rows, items] of scores (−inf = excluded). The state
+of a row while they do is ``(m, a, b)``:
+
+* contrastive (kind 0): ``m`` is the running max of the log-terms {s_rj} ∪ {log ε + s_r+} and
+  ``a = Σ e^{t − m}`` over them (online max/sum-exp, as in flash-attention); ``b`` is unused.
+* pointwise (bpr 1, bce 2, ccl 3): ``a = Σ_j val(s_rj)`` (the negatives' loss terms) and
+  ``b = Σ_j h(s_rj)`` with ``h = ∂val/∂s``; ``m`` is unused.
+
+:func:`finalize` turns a state into the row loss and into gradient factors such that
+
+    ∂L_r/∂s_rj = coef_r · φ(s_rj; shift_r),   ∂L_r/∂s_r+ = g_pos_r
+
+with φ = e^{s − shift} (contrastive, shift = final max) or φ = h(s; s_r+) (pointwise,
+shift = s_r+). Kernels that must recompute scores (the item-side passes) only need
+``(shift, coef·scale/τ, g_pos·scale/τ)`` per row: three floats, never an R×N buffer.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32, as the torch backend
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + e^x) without overflow, exact for x = −inf, accurate for very negative x."""
+    t = tl.exp(-tl.abs(x))
+    log1p_t = tl.where(t < 1e-4, t * (1.0 - 0.5 * t), tl.log(1.0 + t))
+    return tl.maximum(x, 0.0) + log1p_t
+
+
+@triton.jit
+def sigmoid(x):
+    """σ(x) from t = e^{−|x|} (never overflows; one exp): 1/(1 + t) for x ≥ 0, t/(1 + t) otherwise.
+    0 for x = −inf."""
+    t = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0, t) / (1.0 + t)
+
+
+@triton.jit
+def tf32_round(x):
+    """fp32 → tf32 (10 explicit mantissa bits), to nearest, ties away: PTX ``cvt.rna.tf32.f32``."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tf32_truncate(x):
+    """What a tf32 MMA reads from an fp32 register: the low 13 mantissa bits dropped."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mm(a, b, DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr):
+    """a @ b with an fp32 accumulator.
+
+    bf16/fp16 (DOT_DT): both operands rounded to DOT_DT, one tensor-core MMA. fp32: the 3×TF32
+    scheme (``input_precision="tf32x3"``): x = big + small with big = tf32(x), and
+    a·b ≈ small_a·big_b + big_a·small_b + big_a·big_b on the tensor cores, ~fp32 accurate (the
+    dropped small·small term is ~2⁻²² relative), without the register cost of IEEE FMA dots.
+
+    EMULATE_DOT (the CPU interpreter, whose ``tl.dot`` multiplies bf16 bit patterns as integers
+    and ignores ``input_precision``) computes the same operand roundings explicitly and multiplies
+    in fp32; products of bf16 or tf32 values are exact in fp32, so this is the tensor-core result
+    up to the summation order. (The emulated 3×TF32 split follows the published scheme, big parts
+    rounded, small parts truncated as an MMA reads them; Triton's own lowering was not compared
+    bit for bit on a GPU.)
+    """
+    if tl.float32 == DOT_DT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if EMULATE_DOT:
+            a_big = tf32_round(a)
+            b_big = tf32_round(b)
+            out = tl.dot(tf32_truncate(a - a_big), b_big, input_precision="ieee")
+            out += tl.dot(a_big, tf32_truncate(b - b_big), input_precision="ieee")
+            out += tl.dot(a_big, b_big, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, input_precision="tf32x3")
+    else:
+        a = a.to(DOT_DT)
+        b = b.to(DOT_DT)
+        if EMULATE_DOT:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def item_terms(s, s_pos, margin, KIND: tl.constexpr):
+    """Pointwise kinds: (val, h) = the negative's loss term and its derivative in s.
+
+    bpr: softplus(s − s+), σ(s − s+);  bce: softplus(s), σ(s);  ccl: relu(s − m), [s − m > 0].
+    Every term is 0 for an excluded negative (s = −inf).
+    """
+    if KIND == 1:
+        x = s - s_pos
+        val = softplus(x)
+        h = sigmoid(x)
+    elif KIND == 2:
+        val = softplus(s)
+        h = sigmoid(s)
+    else:
+        x = s - margin
+        val = tl.maximum(x, 0.0)
+        h = tl.where(x > 0.0, 1.0, 0.0)
+    return val, h
+
+
+@triton.jit
+def init_state(s_pos, log_eps, KIND: tl.constexpr, HAS_EPS: tl.constexpr):
+    """Row state before any negative: the positive's log-term log ε + s+ when it is in the LSE."""
+    zero = tl.zeros_like(s_pos)
+    if KIND == 0 and HAS_EPS:
+        m = s_pos + log_eps
+        a = zero + 1.0
+    else:
+        m = zero + float("-inf")
+        a = zero
+    return m, a, zero
+
+
+@triton.jit
+def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr):
+    """Fold a score tile s [rows, items] into the row state.
+
+    Returns (m, a, b, alpha, phi): a query-gradient accumulator Σ_j φ_rj v_j must be rescaled
+    by alpha [rows] before adding this tile's Σ_j phi_rj v_j (alpha = 1 for pointwise kinds).
+    """
+    if KIND == 0:
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        phi = tl.exp(s - m_ref[:, None])
+        a = a * alpha + tl.sum(phi, 1)
+        m = m_new
+    else:
+        val, phi = item_terms(s, s_pos[:, None], margin, KIND)
+        a += tl.sum(val, 1)
+        b += tl.sum(phi, 1)
+        alpha = tl.full(a.shape, 1.0, tl.float32)
+    return m, a, b, alpha, phi
+
+
+@triton.jit
+def neg_phi(s, shift, margin, KIND: tl.constexpr):
+    """φ(s; shift) such that ∂L/∂s = coef·φ, recomputed from a score tile (shift broadcast)."""
+    if KIND == 0:
+        phi = tl.exp(s - shift)
+    else:
+        _, phi = item_terms(s, shift, margin, KIND)
+    return phi
+
+
+@triton.jit
+def pointwise_coef(cnt, neg_weight, KIND: tl.constexpr, NEG_SUM: tl.constexpr):
+    """Pointwise kinds: 1/n_r (1 with neg_sum), times the ccl negative weight w."""
+    if NEG_SUM:
+        coef = tl.full(cnt.shape, 1.0, tl.float32)
+    else:
+        coef = 1.0 / tl.maximum(cnt.to(tl.float32), 1.0)
+    if KIND == 3:
+        coef = coef * neg_weight
+    return coef
+
+
+@triton.jit
+def finalize(m, a, b, cnt, s_pos, log_eps, lam, mu, beta, neg_weight, KIND: tl.constexpr, HAS_POS: tl.constexpr,
+             HAS_EPS: tl.constexpr, NEG_SUM: tl.constexpr):
+    """Row loss and gradient factors (loss, shift, coef, g_pos), see the module docstring.
+
+    contrastive: L = −s+ + λ(m + log a − μ log n); coef = λ/a; g+ = −1 + λ ε e^{s+}/(a e^m);
+    a row with n_r = 0 has loss 0 and zero gradient.
+    bpr: L = a/n, g+ = −b/n;  bce: L = β softplus(−s+) + a/n, g+ = −β σ(−s+);
+    ccl: L = relu(1 − s+) + w a/n, g+ = −[s+ < 1]  (n → 1 with neg_sum).
+    """
+    zero = tl.zeros_like(a)
+    if KIND == 0:
+        has_neg = cnt > 0
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        a_safe = tl.maximum(a, TINY)
+        loss = lam * (shift + tl.log(a_safe) - mu * tl.log(tl.maximum(cnt.to(tl.float32), 1.0)))
+        if HAS_POS:
+            loss -= s_pos
+        loss = tl.where(has_neg, loss, zero)
+        coef = tl.where(has_neg, lam / a_safe, zero)
+        if HAS_POS:
+            if HAS_EPS:
+                g_pos = coef * tl.exp(s_pos + log_eps - shift) - 1.0
+            else:
+                g_pos = zero - 1.0
+            g_pos = tl.where(has_neg, g_pos, zero)
+        else:
+            g_pos = zero
+    else:
+        coef = pointwise_coef(cnt, neg_weight, KIND, NEG_SUM)
+        shift = s_pos
+        loss = a * coef
+        if KIND == 1:
+            g_pos = -b * coef
+        elif KIND == 2:
+            loss += beta * softplus(-s_pos)
+            g_pos = -beta * sigmoid(-s_pos)
+        else:
+            loss += tl.maximum(1.0 - s_pos, 0.0)
+            g_pos = tl.where(s_pos < 1.0, -1.0, 0.0)
+    return loss, shift, coef, g_pos
+
+
+@triton.jit
+def positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_tr, stride_td,
+                     POS_FROM_TABLE: tl.constexpr):
+    """Positive vectors p_r [rows, D] in fp32: POS[r] or, with POS_FROM_TABLE, TABLE[POS_IDX[r]]."""
+    if POS_FROM_TABLE:
+        prow = tl.load(POS_IDX + rows64, mask=rmask, other=0).to(tl.int64)
+        ptrs = TABLE + prow[:, None] * stride_tr + offs_d64[None, :] * stride_td
+    else:
+        ptrs = POS + rows64[:, None] * stride_pr + offs_d64[None, :] * stride_pd
+    return tl.load(ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def positive_score(q, POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_tr, stride_td,
+                   POS_LOG_Q, inv_tau, POS_FROM_TABLE: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr):
+    """s_r+ = <q_r, p_r>/τ − logq⁺_r (q in fp32)."""
+    p = positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_tr,
+                         stride_td, POS_FROM_TABLE)
+    s_pos = tl.sum(q * p, 1) * inv_tau
+    if HAS_POS_LOG_Q:
+        s_pos -= tl.load(POS_LOG_Q + rows64, mask=rmask, other=0.0).to(tl.float32)
+    return s_pos
+
+
+@triton.jit
+def store_row_outputs(rows64, rmask, offs_d64, dmask, acc, loss, shift, coef, g_pos, scale, d, Q, POS, POS_IDX, TABLE,
+                      stride_qr, stride_qd, stride_pr, stride_pd, stride_tr, stride_td,
+                      LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, HAS_POS: tl.constexpr,
+                      POS_FROM_TABLE: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr,
+                      SAVE_STATS: tl.constexpr, ACC_SCALED: tl.constexpr):
+    """Write the row loss, ∂/∂q_r = coef_s·acc + g+_s·p_r, ∂/∂p_r = g+_s·q_r and the saved stats.
+
+    ``scale`` [rows] is row_scale_r/τ; coef_s = coef·scale and g+_s = g_pos·scale. With
+    ACC_SCALED the accumulator already holds the scaled gradient (Σ_j g_rj v_j · scale).
+    q_r and p_r are re-read here rather than kept in registers across the item loop.
+    """
+    tl.store(LOSS + rows64, loss, mask=rmask)
+    coef_s = coef * scale
+    g_pos_s = g_pos * scale
+    out_mask = rmask[:, None] & dmask[None, :]
+    out_off = rows64[:, None] * d + offs_d64[None, :]
+    if NEED_GQ:
+        if ACC_SCALED:
+            gq = acc
+        else:
+            gq = acc * coef_s[:, None]
+        if HAS_POS:
+            p = positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd,
+                                 stride_tr, stride_td, POS_FROM_TABLE)
+            gq += g_pos_s[:, None] * p
+        tl.store(GRAD_Q + out_off, gq, mask=out_mask)
+    if NEED_GP:
+        q = tl.load(Q + rows64[:, None] * stride_qr + offs_d64[None, :] * stride_qd, mask=out_mask, other=0.0)
+        tl.store(GRAD_P + out_off, g_pos_s[:, None] * q.to(tl.float32), mask=out_mask)
+    if SAVE_STATS:
+        tl.store(ROW_SHIFT + rows64, shift, mask=rmask)
+        tl.store(ROW_COEF + rows64, coef_s, mask=rmask)
+        tl.store(ROW_GPOS + rows64, g_pos_s, mask=rmask)

@@ -1,0 +1,253 @@
+"""Ahead-of-time compilation of every kernel × launch configuration for sm_80 and sm_90, no GPU.
+
+Each case is a representative problem on the ``meta`` device (no memory) with every option on
+(logQ, positive logQ, an [R, N] mask, accidental hits, positives as table rows where the layout
+allows it, every gradient). :func:`kernels.launch.plan` turns it into exactly the launches the
+runtime would make; each launch is compiled with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cap, 32))`` and its cubin is read with ``cuobjdump
+--dump-resource-usage`` (shipped with Triton): ``REG`` registers per thread, ``STACK``/``LOCAL``
+bytes (> 0 means spills), plus the shared memory Triton reserves.
+
+The configurations are the tiles the heuristics of ``kernels/config.py`` give for
+``AOT_D`` × ``AOT_DTYPES`` (shared) and ``AOT_D`` × ``AOT_N`` (per-row, indexed, segment pass) —
+all of them are *default* configurations, and the test suite asserts zero spills for each.
+
+Kernels must be decorated without ``TRITON_INTERPRET``; :func:`run_isolated` therefore runs the
+compilation in a fresh interpreter (``python -m fastrecloss.kernels.aot --json``) with that
+variable removed, which is what the CLI and the tests call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+KINDS = {"contrastive": 0, "bpr": 1, "bce": 2, "ccl": 3}
+ARCHS = (80, 90)
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+          torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.int8: "i8"}
+
+
+@dataclass(frozen=True)
+class Result:
+    kernel: str
+    variant: str  # layout, kind, dtype and the launch configuration
+    arch: str
+    regs: int
+    stack: int
+    local: int
+    shared: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack > 0 or self.local > 0
+
+
+def _meta_problem(layout: str, d: int, n: int, dtype: torch.dtype):
+    """A problem of tensors on the meta device (shapes only) with every option on."""
+    from fastrecloss._problem import Problem
+
+    R, items = 256, 4096
+
+    def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    ids = empty(R, dtype=torch.int64)
+    common = dict(query=empty(R, d, dtype=dtype), pos_log_q=empty(R), neg_mask=empty(R, n, dtype=torch.bool),
+                  hit_pos_ids=ids, temperature=0.5)
+    if layout == "shared":
+        return Problem("shared", neg=empty(n, d, dtype=dtype), pos_idx=ids, log_q=empty(n),
+                       hit_neg_ids=empty(n, dtype=torch.int64), **common)
+    if layout == "per_row":
+        return Problem("per_row", neg=empty(R, n, d, dtype=dtype), pos=empty(R, d, dtype=dtype), log_q=empty(R, n),
+                       hit_neg_ids=empty(R, n, dtype=torch.int64), **common)
+    neg_idx = empty(R, n, dtype=torch.int64)
+    return Problem("indexed", neg=empty(items, d, dtype=dtype), neg_idx=neg_idx, pos_idx=ids, log_q=empty(items),
+                   hit_neg_ids=neg_idx, **common)
+
+
+def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any, bool]]:
+    """(label, problem, spec, deterministic) for every configuration of :mod:`kernels.config`."""
+    from fastrecloss._spec import Kind, LossSpec
+
+    from .config import AOT_D, AOT_DTYPES, AOT_N, max_d
+
+    out = []
+    for kind in kinds:
+        spec = LossSpec(Kind(KINDS[kind]), eps=1.0)
+        for d in AOT_D:
+            for dtype in AOT_DTYPES:
+                if d > max_d("shared", dtype):
+                    continue
+                out.append((f"shared {kind} {_TYPES[dtype]}", _meta_problem("shared", d, 1024, dtype), spec, False))
+            for n in AOT_N:
+                out.append((f"per_row {kind} bf16", _meta_problem("per_row", d, n, torch.bfloat16), spec, False))
+                for det in (False, True):
+                    label = f"indexed {kind} bf16{' det' if det else ''}"
+                    out.append((label, _meta_problem("indexed", d, n, torch.bfloat16), spec, det))
+    return out
+
+
+def _signature(launch) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int, ...], Any]]:
+    """Signature, constexprs and attributes exactly as the runtime JIT would specialise this launch
+    (ints equal to 1 become constexprs, ints and pointers divisible by 16 get ``tt.divisibility``)."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(launch.kernel.params):
+        value = launch.args[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+            continue
+        ty, spec = native_specialize_impl(CUDABackend, value, False, True, True)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[param.name] = value
+        elif isinstance(spec, str):
+            attrs[(i,)] = CUDABackend.parse_attr(spec)
+    return signature, constexprs, attrs
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    import triton.backends.nvidia as nvidia
+
+    tool = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+    return {key: int(val) for key, val in re.findall(r"(REG|STACK|LOCAL):(\d+)", line)}
+
+
+def _launches(kinds: tuple[str, ...], case: int) -> tuple[str, list]:
+    """The launches the runtime would make for case number ``case`` of :func:`cases`."""
+    from . import launch as launch_mod
+
+    label, problem, spec, det = cases(kinds)[case]
+    plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
+                           emulate_dot=False)
+    return f"{label} d={problem.d} N={problem.N}", plan.launches
+
+
+def compile_launch(launch: Any, cap: int, variant: str = "") -> Result:
+    """Compile one planned launch for sm_``cap`` and read its resource usage from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    cfg = launch.config
+    signature, constexprs, attrs = _signature(launch)
+    src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg}
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+    res = _resources(compiled.asm["cubin"])
+    variant = f"{variant} R{cfg.block_r}xN{cfg.block_n}xD{cfg.block_d} w{cfg.num_warps}".strip()
+    return Result(launch.name, variant, f"sm_{cap}", res["REG"], res["STACK"], res["LOCAL"],
+                  int(compiled.metadata.shared))
+
+
+def _compile(job: tuple[tuple[str, ...], int, int, int]) -> Result:
+    """Compile launch ``index`` of case ``case`` for sm_``cap`` (a picklable job for worker processes)."""
+    kinds, case, index, cap = job
+    label, launches = _launches(kinds, case)
+    return compile_launch(launches[index], cap, label)
+
+
+def jobs(kinds: tuple[str, ...], archs: tuple[int, ...]) -> list[tuple[tuple[str, ...], int, int, int]]:
+    """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile."""
+    from . import launch as launch_mod
+
+    if type(launch_mod.shared_rows_kernel).__name__ == "InterpretedFunction":
+        raise RuntimeError("AOT compilation needs the kernels decorated without TRITON_INTERPRET; use run_isolated()")
+    seen, out = set(), []
+    for case in range(len(cases(kinds))):
+        for index, step in enumerate(_launches(kinds, case)[1]):
+            key = (step.name, repr(_signature(step)), step.config)
+            if key not in seen:
+                seen.add(key)
+                out.extend((kinds, case, index, cap) for cap in archs)
+    return out
+
+
+def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS,
+                workers: int = 1) -> Iterator[Result]:
+    """Compile every job of :func:`jobs`, yielding results in job order as they complete."""
+    todo = jobs(kinds, archs)
+    if workers <= 1:
+        yield from map(_compile, todo)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_compile, todo)
+
+
+def run_isolated(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS, workers: int = 1,
+                 progress: bool = False) -> list[Result]:
+    """:func:`compile_all` in a fresh Python without TRITON_INTERPRET (streamed back as JSON lines)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "fastrecloss.kernels.aot", "--jsonl", "--workers", str(workers),
+           "--kinds", *kinds, "--archs", *map(str, archs)]
+    results: list[Result] = []
+    with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
+                                                               text=True) as proc:
+        bar = None
+        for line in proc.stdout:
+            row = json.loads(line)
+            if "total" in row:
+                bar = tqdm(total=row["total"], desc="compiling", unit="kernel", disable=not progress)
+                continue
+            results.append(Result(**row))
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        if proc.wait() != 0:
+            err.seek(0)
+            raise RuntimeError(f"AOT compilation failed:\n{err.read()[-4000:]}")
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    header = ("kernel", "variant", "arch", "regs", "spill B", "smem B")
+    rows = [(r.kernel, r.variant, r.arch, str(r.regs), str(r.stack + r.local), str(r.shared)) for r in results]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", nargs="+", default=["contrastive"], choices=sorted(KINDS))
+    parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--jsonl", action="store_true", help="print the job count, then one JSON line per result")
+    args = parser.parse_args(argv)
+    kinds, archs = tuple(args.kinds), tuple(args.archs)
+    if not args.jsonl:
+        print(format_table(list(compile_all(kinds, archs, args.workers))))
+        return 0
+    print(json.dumps({"total": len(jobs(kinds, archs))}), flush=True)
+    for result in compile_all(kinds, archs, args.workers):
+        print(json.dumps(asdict(result)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

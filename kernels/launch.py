@@ -1,0 +1,188 @@
+"""Plans the kernel launches for one problem: outputs, grids and every kernel argument by name.
+
+:func:`plan` is pure bookkeeping (allocations and argument lists, no kernel runs, no host
+synchronisation), so the same code feeds the runtime launcher (``fastrecloss.triton_backend``)
+and the ahead-of-time compiler (``kernels/aot.py``, which plans on meta tensors). It allocates
+only the outputs ([R] losses, [R, d] query/positive gradients, the item gradient in the shape of
+``neg``), three fp32 [R] row statistics when an item pass needs them, and, in deterministic
+indexed mode, the int64 sort of the item references (``kernels/indexed.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastrecloss._problem import Problem
+from fastrecloss._spec import Kind, LossSpec, acc_dtype
+
+from .config import TileConfig, gathered_config, segment_config, shared_config
+from .indexed import item_segment_kernel
+from .per_row import rows_kernel
+from .shared import shared_items_kernel, shared_rows_kernel
+
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclass
+class Launch:
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # every parameter of the kernel by name (tensors, ints, floats, None, constexprs)
+    config: TileConfig
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    def run(self) -> None:
+        cfg = self.config
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if torch.version.hip is None:  # .maxnreg is a PTX directive (NVIDIA only)
+            options["maxnreg"] = cfg.maxnreg
+        self.kernel[self.grid](**self.args, **options)
+
+
+@dataclass
+class Plan:
+    launches: list[Launch] = field(default_factory=list)
+    loss: Tensor | None = None
+    grad_q: Tensor | None = None
+    grad_p: Tensor | None = None
+    grad_neg: Tensor | None = None
+
+    def outputs(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        return self.loss, self.grad_q, self.grad_p, self.grad_neg
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    """1-D side inputs ([R] or [N]/[I]) are made contiguous (O(R + N) at most); bool → uint8 view."""
+    if t is None:
+        return None
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return t.contiguous() if t.dim() == 1 else t
+
+
+def _strides(t: Tensor | None, n: int = 2) -> tuple[int, ...]:
+    if t is None:
+        return (0,) * n
+    return tuple(t.stride()) + (0,) * (n - t.dim())
+
+
+def _loss_args(p: Problem, spec: LossSpec) -> dict[str, Any]:
+    kind = int(spec.kind)
+    has_eps = kind == Kind.CONTRASTIVE and p.has_pos and spec.eps > 0
+    return dict(
+        inv_tau=1.0 / p.temperature, log_eps=math.log(spec.eps) if has_eps else 0.0, lam=float(spec.lam),
+        mu=float(spec.mu), beta=float(spec.beta), margin=float(spec.margin), neg_weight=float(spec.neg_weight),
+        KIND=kind, HAS_POS=p.has_pos, POS_FROM_TABLE=p.pos_idx is not None, HAS_EPS=has_eps,
+        HAS_LOG_Q=p.log_q is not None, HAS_POS_LOG_Q=p.pos_log_q is not None, HAS_HITS=p.hit_pos_ids is not None,
+        NEG_SUM=bool(spec.neg_sum),
+    )
+
+
+def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool, bool, bool],
+         deterministic: bool, emulate_dot: bool) -> Plan:
+    """Allocate the outputs of ``forward_backward`` and list the launches that fill them."""
+    acc = acc_dtype(p.query.dtype)
+    R, d, dev = p.R, p.d, p.query.device
+    need_q, need_p, need_n = needs if row_scale is not None else (False, False, False)
+    need_p = need_p and p.pos is not None
+    out = Plan(loss=torch.empty(R, dtype=acc, device=dev))
+    out.grad_q = torch.empty(R, d, dtype=acc, device=dev) if need_q else None
+    out.grad_p = torch.empty(R, d, dtype=acc, device=dev) if need_p else None
+    if need_n:  # the shared item pass and the per-row pass write every element; the indexed ones add
+        alloc = torch.zeros if (p.layout == "indexed" or R == 0) else torch.empty
+        out.grad_neg = alloc(tuple(p.neg.shape), dtype=acc, device=dev)
+    if R == 0:
+        return out
+    stats = need_n and not (p.layout == "per_row" or (p.layout == "indexed" and not deterministic))
+    row_stats = [torch.empty(R, dtype=torch.float32, device=dev) for _ in range(3)] if stats else [None] * 3
+    side = {name: _flat(getattr(p, name.lower())) for name in ("POS_IDX", "LOG_Q", "POS_LOG_Q", "NEG_MASK")}
+    hit_pos, hit_neg = _flat(p.hit_pos_ids), _flat(p.hit_neg_ids)
+    common = dict(
+        Q=p.query, NEG=p.neg, POS=p.pos, POS_IDX=side["POS_IDX"], LOG_Q=side["LOG_Q"], POS_LOG_Q=side["POS_LOG_Q"],
+        MASK=side["NEG_MASK"], HIT_POS=hit_pos, HIT_NEG=hit_neg, ROW_SCALE=_flat(row_scale), LOSS=out.loss,
+        GRAD_Q=out.grad_q, GRAD_P=out.grad_p, GRAD_NEG=out.grad_neg, ROW_SHIFT=row_stats[0],
+        ROW_COEF=row_stats[1], ROW_GPOS=row_stats[2], R=R, N=p.N, d=d,
+        stride_qr=p.query.stride(0), stride_qd=p.query.stride(1), stride_pr=_strides(p.pos)[0],
+        stride_pd=_strides(p.pos)[1], NEED_GQ=need_q, NEED_GP=need_p, SAVE_STATS=stats, **_loss_args(p, spec),
+    )
+    if p.layout == "shared":
+        _plan_shared(out, p, common, emulate_dot)
+    else:
+        _plan_gathered(out, p, common, deterministic)
+    return out
+
+
+def _bind(kernel: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """The kernel's parameters picked from ``args`` (all must be present)."""
+    missing = [name for name in kernel.arg_names if name not in args]
+    if missing:
+        raise RuntimeError(f"{kernel.__name__}: no value planned for {missing}")
+    return {name: args[name] for name in kernel.arg_names}
+
+
+def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], emulate_dot: bool) -> None:
+    cfg = shared_config(p.d, p.query.dtype)
+    mask = common["MASK"]
+    mask_mode = 0 if mask is None else mask.dim()
+    stride_mr, stride_mn = (0, mask.stride(0)) if mask_mode == 1 else _strides(mask)
+    args = dict(common, stride_nn=p.neg.stride(0), stride_nd=p.neg.stride(1), stride_mr=stride_mr,
+                stride_mn=stride_mn, MASK_MODE=mask_mode, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
+                BLOCK_D=cfg.block_d, DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), EMULATE_DOT=emulate_dot)
+    out.launches.append(Launch(shared_rows_kernel, (triton.cdiv(p.R, cfg.block_r),),
+                               _bind(shared_rows_kernel, args), cfg))
+    if out.grad_neg is not None and p.N > 0:
+        out.launches.append(Launch(shared_items_kernel, (triton.cdiv(p.N, cfg.block_n),),
+                                   _bind(shared_items_kernel, args), cfg))
+
+
+def _plan_gathered(out: Plan, p: Problem, common: dict[str, Any], deterministic: bool) -> None:
+    indexed = p.layout == "indexed"
+    cfg = gathered_config(p.d, p.N, p.layout, p.query.dtype)
+    need_n = out.grad_neg is not None
+    in_kernel = need_n and not (indexed and deterministic)  # the row pass writes / atomically adds ∂/∂v
+    log_q = common["LOG_Q"]
+    if indexed:
+        layout = dict(stride_nr=p.neg.stride(0), stride_nn=0, stride_nd=p.neg.stride(1),
+                      stride_lr=_strides(log_q, 1)[0], stride_ln=0)
+        stride_ir, stride_in = p.neg_idx.stride()
+    else:
+        layout = dict(stride_nr=p.neg.stride(0), stride_nn=p.neg.stride(1), stride_nd=p.neg.stride(2),
+                      stride_lr=_strides(log_q)[0], stride_ln=_strides(log_q)[1])
+        stride_ir = stride_in = 0
+    (stride_mr, stride_mn), (stride_hr, stride_hn) = _strides(common["MASK"]), _strides(common["HIT_NEG"])
+    args = dict(common, **layout, IDX=p.neg_idx, stride_ir=stride_ir, stride_in=stride_in, stride_mr=stride_mr,
+                stride_mn=stride_mn, stride_hr=stride_hr, stride_hn=stride_hn, INDEXED=indexed,
+                HAS_MASK=p.neg_mask is not None, NEED_GN=in_kernel,
+                SCATTER_POS=in_kernel and indexed and p.pos_idx is not None,
+                BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+    if not in_kernel:
+        args["GRAD_NEG"] = None
+    out.launches.append(Launch(rows_kernel, (triton.cdiv(p.R, cfg.block_r),), _bind(rows_kernel, args), cfg))
+    if need_n and not in_kernel:
+        _plan_segments(out, p, dict(args, GRAD_NEG=out.grad_neg))
+
+
+def _plan_segments(out: Plan, p: Problem, rows: dict[str, Any]) -> None:
+    """Deterministic item gradient of the indexed layout (see ``kernels/indexed.py``)."""
+    keys = p.neg_idx.reshape(-1).to(torch.int64)
+    if p.pos_idx is not None:
+        keys = torch.cat([keys, p.pos_idx.to(torch.int64)])
+    if keys.numel() == 0:
+        return
+    sorted_keys, order = torch.sort(keys, stable=True)
+    seg_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
+    cfg = segment_config(p.d)
+    args = dict(rows, SORTED_KEYS=sorted_keys, ORDER=order, SEG_END=seg_end, E=keys.numel(), RN=p.R * p.N,
+                N_DIV=max(p.N, 1), stride_l=rows["stride_lr"], BLOCK_E=cfg.block_r, BLOCK_D=cfg.block_d)
+    out.launches.append(Launch(item_segment_kernel, (triton.cdiv(keys.numel(), cfg.block_r),),
+                               _bind(item_segment_kernel, args), cfg))
