@@ -117,6 +117,7 @@ def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_
 def _scalar_setup(ctx, inputs, output):
     _, gq, gp, gn = output
     ctx.save_for_backward(gq, gp, gn)
+    ctx.mark_non_differentiable(gq, gp, gn)
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream gradient: no zero tensors
 
 
@@ -125,7 +126,7 @@ def _scalar_backward(ctx, grad_total, *_unused):
     grads = [None] * 18
 
     def scaled(g):
-        return (g * grad_total).to(g.dtype) if g.numel() else None
+        return (g * grad_total).to(g.dtype) if (g.numel() and grad_total is not None) else None
 
     grads[0], grads[1], grads[2] = scaled(gq), scaled(gn), scaled(gp)
     return tuple(grads)
