@@ -144,11 +144,13 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     grad_on = torch.is_grad_enabled()
     acc = acc_dtype(dtype)
     # The per-row op recomputes the scores in its backward. It serves reduction='none', a weight
-    # that needs a gradient (∂loss/∂w_r = L_r), and the per-row layout, whose negatives' gradient
-    # is as large as the input: recomputing the scores is cheaper than scaling that gradient by the
-    # upstream gradient afterwards. Otherwise the fused scalar op computes the gradients in the
-    # forward and treats the row scale as a constant.
-    if reduction == "none" or p.layout == "per_row" or (weight is not None and weight.requires_grad and grad_on):
+    # that needs a gradient (∂loss/∂w_r = L_r), and the layouts whose negatives' gradient is large:
+    # per-row (as large as the input) and indexed (the whole item table). There, recomputing the
+    # scores costs less than keeping that gradient from the forward and scaling a copy of it by the
+    # upstream gradient (which would hold the table gradient twice). Otherwise the fused scalar op
+    # computes the gradients in the forward and treats the row scale as a constant.
+    recompute = p.layout != "shared" or (weight is not None and weight.requires_grad and grad_on)
+    if reduction == "none" or recompute:
         rows = loss_rows(*args, *static)
         if weight is not None:
             rows = rows * weight.to(rows.dtype)
@@ -156,8 +158,10 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
             return rows.to(dtype)
         total = rows.sum()
         if reduction == "mean":
-            denom = weight.to(acc).sum() if weight is not None else torch.tensor(float(p.R), dtype=acc)
-            total = total / denom.clamp_min(torch.finfo(acc).tiny)
+            if weight is not None:
+                total = total / weight.to(acc).sum().clamp_min(torch.finfo(acc).tiny)
+            else:
+                total = total / max(p.R, 1)
         return total.to(dtype)
     needs = [grad_on and p.query.requires_grad,
              grad_on and p.pos is not None and p.pos.requires_grad,
