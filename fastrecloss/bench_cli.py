@@ -195,20 +195,20 @@ LIMIT_SWEEPS = {
 
 
 def input_bytes(case: Case) -> int:
-    """Bytes of the inputs and of their gradients (which any implementation must hold)."""
+    """Bytes of the inputs (their gradients are allocated during the call: in the peak extra)."""
     elem = 4 if case.dtype == "float32" else 2
     d = case.dim
     if case.layout == "catalogue":
-        return 2 * (case.rows + case.n) * d * elem + 8 * case.rows
+        return (case.rows + case.n) * d * elem + 8 * case.rows
     if case.layout == "indexed":
-        return 2 * (2 * case.rows + case.items) * d * elem + 8 * case.rows * case.n
-    return 2 * (2 * case.rows + case.n * (case.rows if case.layout == "per_row" else 1)) * d * elem
+        return (2 * case.rows + case.items) * d * elem + 8 * case.rows * case.n
+    return (2 * case.rows + case.n * (case.rows if case.layout == "per_row" else 1)) * d * elem
 
 
 def run_limits(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    """Largest N within ``--limit-gib`` per implementation: the peak (inputs + gradients + peak extra)
-    is measured at two sizes, fitted linearly in N, solved for the limit, and then checked by a
-    measured run at the predicted size when that run is predicted to take under ``--limit-check-s``."""
+    """Largest N within ``--limit-gib`` per implementation: the peak (inputs + peak extra, which holds
+    the gradients) is measured at two sizes, fitted linearly in N, solved for the limit, and then
+    checked by a run at the predicted size when that run is predicted to take under ``--limit-check-s``."""
     from dataclasses import replace
 
     limit = args.limit_gib * GIB

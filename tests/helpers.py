@@ -358,3 +358,11 @@ def check_case(
 
 def random_upstream(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+def model_step(model: torch.nn.Module, batch: tuple[Tensor, ...], upstream: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """One forward + backward of ``model`` with the given upstream gradient: (loss, parameter grads)."""
+    model.zero_grad()
+    loss = model(*batch)
+    loss.backward(upstream)
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]

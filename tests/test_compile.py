@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import model_step
 from torch import Tensor, nn
 
 from fastrecloss import functional as F
@@ -30,13 +31,6 @@ class TinyRecModel(nn.Module):
                      reduction=self.reduction, backend="torch", remove_accidental_hits=True)
 
 
-def _step(model: nn.Module, batch: tuple[Tensor, ...], upstream: Tensor) -> tuple[Tensor, list[Tensor]]:
-    model.zero_grad()
-    loss = model(*batch)
-    loss.backward(upstream)
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
 # Measured here (2 CPU cores): ~17 s for the first compile, 4-10 s for each further one. The first
 # two cover both layouts and both reductions in the default run; the other two are opt-in (-m slow).
 CASES = [("shared", "mean"), ("indexed", "none"), ("shared", "none"), ("indexed", "mean")]
@@ -56,10 +50,10 @@ def test_compile_fullgraph_matches_eager(layout: str, reduction: str) -> None:
     batch = (user, item, neg, log_q)
     upstream = torch.rand(R, generator=gen) if reduction == "none" else torch.tensor(1.0)
     model = TinyRecModel(10, I, 8, layout, reduction)
-    eager_loss, eager_grads = _step(model, batch, upstream)
+    eager_loss, eager_grads = model_step(model, batch, upstream)
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     for _ in range(2):  # the second call reuses the compiled graph
-        loss, grads = _step(compiled, batch, upstream)
+        loss, grads = model_step(compiled, batch, upstream)
         torch.testing.assert_close(loss, eager_loss)
         for g, e in zip(grads, eager_grads):
             torch.testing.assert_close(g, e)

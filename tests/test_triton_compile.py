@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import model_step
 from torch import Tensor, nn
 
 from fastrecloss import functional as F
@@ -37,13 +38,6 @@ class TinyModel(nn.Module):
                      reduction=self.reduction, backend="triton", remove_accidental_hits=True)
 
 
-def _step(model: nn.Module, batch: tuple[Tensor, ...], upstream: Tensor) -> tuple[Tensor, list[Tensor]]:
-    model.zero_grad()
-    loss = model(*batch)
-    loss.backward(upstream)
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize(("layout", "reduction", "backend"), [
     ("shared", "mean", "inductor"),
     ("indexed", "none", "aot_eager"),
@@ -60,10 +54,10 @@ def test_compile_fullgraph_triton_matches_eager(layout: str, reduction: str, bac
     batch = (user, item, neg, log_q)
     upstream = torch.rand(R, generator=gen) if reduction == "none" else torch.tensor(1.0)
     model = TinyModel(10, I, 8, layout, reduction)
-    eager_loss, eager_grads = _step(model, batch, upstream)
+    eager_loss, eager_grads = model_step(model, batch, upstream)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     for _ in range(2):  # the second call reuses the compiled graph
-        loss, grads = _step(compiled, batch, upstream)
+        loss, grads = model_step(compiled, batch, upstream)
         torch.testing.assert_close(loss, eager_loss)
         for g, e in zip(grads, eager_grads):
             torch.testing.assert_close(g, e)
