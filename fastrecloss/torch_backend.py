@@ -24,9 +24,15 @@ from ._spec import Kind, LossSpec, acc_dtype
 CHUNK_ELEMENTS = 1 << 20
 
 
+# The shared layout's GEMMs lose most of their speed below this many rows, so a large catalogue
+# gets a larger score buffer (still O(chunk·N)) rather than thin GEMMs.
+MIN_GEMM_ROWS = 64
+
+
 def chunk_rows(p: Problem) -> int:
-    per_row = max(p.N, 1) * (p.d if p.layout != "shared" else 1)
-    return max(1, min(p.R, CHUNK_ELEMENTS // per_row))
+    if p.layout == "shared":
+        return max(1, min(p.R, max(MIN_GEMM_ROWS, CHUNK_ELEMENTS // max(p.N, 1))))
+    return max(1, min(p.R, CHUNK_ELEMENTS // (max(p.N, 1) * p.d)))
 
 
 def _softplus_sum(s: Tensor, aux: Tensor | None) -> Tensor:

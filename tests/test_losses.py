@@ -336,6 +336,7 @@ def test_torch_backend_chunks(case: LossCase, layout: str, opts: dict, chunk_ele
                      pos_idx=layout == "indexed")
     whole = run_case(case.fn, "torch", inputs, F32, hparams=case.hparams)
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(torch_backend, "MIN_GEMM_ROWS", 1)
     p = build_problem(**{k: v for k, v in inputs.items() if k != "weight"}, **_missing(inputs))
     assert torch_backend.chunk_rows(p) < R, "the test must run several chunks"
     for reduction, upstream in (("mean", None), ("none", random_upstream((R,), gen))):
@@ -348,10 +349,17 @@ def test_torch_backend_chunks(case: LossCase, layout: str, opts: dict, chunk_ele
 
 def test_chunk_rows_bounds_the_working_set(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(torch_backend, "MIN_GEMM_ROWS", 1)
     for layout, per_row in (("shared", 10), ("per_row", 40), ("indexed", 40)):
         inputs = make_inputs(layout, 50, 10, 4, gen=gen)
         p = build_problem(**inputs, **_missing(inputs))
         assert torch_backend.chunk_rows(p) == math.floor(100 / per_row)
+    # A large shared catalogue keeps GEMMs of at least MIN_GEMM_ROWS rows (never more than R).
+    monkeypatch.setattr(torch_backend, "MIN_GEMM_ROWS", 8)
+    inputs = make_inputs("shared", 50, 40, 4, gen=gen)
+    assert torch_backend.chunk_rows(build_problem(**inputs, **_missing(inputs))) == 8
+    inputs = make_inputs("shared", 5, 40, 4, gen=gen)
+    assert torch_backend.chunk_rows(build_problem(**inputs, **_missing(inputs))) == 5
 
 
 @pytest.mark.parametrize(("layout", "N", "d"), [("shared", 1024, 4), ("per_row", 64, 16), ("indexed", 64, 16)])

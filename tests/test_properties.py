@@ -73,6 +73,7 @@ def test_torch_backend_any_chunk_size(problem: tuple, chunk_elements: int, seed:
     gen = torch.Generator().manual_seed(seed)
     R, N, d = opts.pop("R"), opts.pop("N"), opts.pop("d")
     inputs = make_inputs(layout, R, N, d, gen=gen, **case_options(case, layout, opts))
-    with mock.patch.object(torch_backend, "CHUNK_ELEMENTS", chunk_elements):
+    with mock.patch.object(torch_backend, "CHUNK_ELEMENTS", chunk_elements), \
+            mock.patch.object(torch_backend, "MIN_GEMM_ROWS", 1):
         check_case(case, "torch", inputs, torch.float32, reduction="none",
                    upstream=torch.randn(R, generator=gen, dtype=torch.float64))
