@@ -135,6 +135,20 @@ def _scalar_backward(ctx, grad_total, *_unused):
 loss_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
 
 
+def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
+    """Weighted reduction of per-row losses: 'none' → w_r·L_r, 'sum', 'mean' (÷ Σ w, or ÷ R)."""
+    if weight is not None:
+        rows = rows * weight.to(rows.dtype)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if weight is None:
+        return total / max(rows.shape[0], 1)
+    return total / weight.to(rows.dtype).sum().clamp_min(torch.finfo(rows.dtype).tiny)
+
+
 def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight: Tensor | None,
           reduction: str) -> Tensor:
     """Run a fused backend with autograd; returns the reduced loss in the query's dtype."""
@@ -151,18 +165,7 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     # computes the gradients in the forward and treats the row scale as a constant.
     recompute = p.layout != "shared" or (weight is not None and weight.requires_grad and grad_on)
     if reduction == "none" or recompute:
-        rows = loss_rows(*args, *static)
-        if weight is not None:
-            rows = rows * weight.to(rows.dtype)
-        if reduction == "none":
-            return rows.to(dtype)
-        total = rows.sum()
-        if reduction == "mean":
-            if weight is not None:
-                total = total / weight.to(acc).sum().clamp_min(torch.finfo(acc).tiny)
-            else:
-                total = total / max(p.R, 1)
-        return total.to(dtype)
+        return reduce_rows(loss_rows(*args, *static), weight, reduction).to(dtype)
     needs = [grad_on and p.query.requires_grad,
              grad_on and p.pos is not None and p.pos.requires_grad,
              grad_on and p.neg.requires_grad]

@@ -145,15 +145,12 @@ def _reset_peak() -> bool:
 
 
 def _step(fn: Callable, x: dict[str, Tensor], mode: str) -> None:
-    leaves = [t for t in x.values() if t.requires_grad]
+    """One timed call: forward only (no grad) or forward + backward."""
     if mode == "fwd":
         with torch.no_grad():
             fn(x)
         return
-    loss = fn(x)
-    if mode == "bwd":  # time only the backward: forward outside the timer is the caller's job
-        raise ValueError("use measure(mode='bwd')")
-    torch.autograd.grad(loss, leaves)
+    torch.autograd.grad(fn(x), [t for t in x.values() if t.requires_grad])
 
 
 def measure(case: Case, impl: str, *, mode: str = "fwdbwd", repeats: int = 5, warmup: int = 1,

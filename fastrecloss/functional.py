@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from . import _ops, reference
@@ -45,18 +44,6 @@ def resolve_backend(backend: str, query: Tensor) -> str:
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs the triton package: pip install 'fastrecloss[triton]'")
     return backend
-
-
-def _reduce(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
-    if weight is not None:
-        rows = rows * weight
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    denom = weight.sum() if weight is not None else torch.tensor(float(rows.shape[0]), dtype=rows.dtype)
-    return total / denom.clamp_min(torch.finfo(rows.dtype).tiny)
 
 
 def compute_loss(
@@ -93,8 +80,8 @@ def compute_loss(
     name = resolve_backend(backend, query)
     if name == "reference":
         if p.R == 0:
-            return _reduce(query.sum(dim=1) * 0, weight, reduction)
-        return _reduce(reference.row_losses(p, spec), weight, reduction)
+            return _ops.reduce_rows(query.sum(dim=1) * 0, weight, reduction)
+        return _ops.reduce_rows(reference.row_losses(p, spec), weight, reduction)
     return _ops.apply(p, spec, name, deterministic, weight, reduction)
 
 
