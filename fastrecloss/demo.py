@@ -91,7 +91,7 @@ def run_demo(quick: bool = False) -> int:
     from .functional import triton_available
 
     start = time.perf_counter()
-    backends = ["torch"] + (["triton"] if triton_available() and _triton_backend_present() else [])
+    backends = ["torch"] + (["triton"] if triton_available() else [])
     interp = " (Triton interpreter on CPU)" if "triton" in backends and not torch.cuda.is_available() else ""
     print(f"fastrecloss demo — torch {torch.__version__}, backends: {', '.join(backends)}{interp}\n")
     print("## 1. Agreement with the float64 reference (fp32 inputs, loss and every gradient)\n")
@@ -108,14 +108,6 @@ def run_demo(quick: bool = False) -> int:
             print(demo_comparison())
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def _triton_backend_present() -> bool:
-    try:
-        from . import triton_backend  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run(args: argparse.Namespace) -> int:
