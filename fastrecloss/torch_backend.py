@@ -1,11 +1,21 @@
 """Chunked, memory-lean PyTorch backend (SPEC §6).
 
-Rows are processed in chunks. For each chunk one reused fp32 score buffer [chunk, N] receives
-the scores (a GEMM for the shared layout, a batched matvec for the per-row and indexed layouts),
-the masks and logQ corrections are applied in place, and the same buffer is overwritten with the
-score gradients g_rj = ∂L_r/∂s_rj. The query/positive gradients of the chunk and its
-contribution to the negatives' gradient are then two GEMMs. Peak extra memory is
-O(chunk·N + chunk·N·d for gathered layouts + R·d + N·d); no R×N or R×N×d tensor is formed.
+Rows are processed in chunks, and each chunk's N columns in item tiles: the whole row for the
+per-row and indexed layouts, L2-sized slices of the catalogue for the shared layout. Two passes:
+
+1. per tile: scores (a GEMM for the shared layout, a batched matvec for the gathered ones), the
+   logQ correction and the masks (−inf), then the tile's row statistics while it is in cache —
+   the contrastive kinds turn the tile into e^{s − m_t} with its own row max m_t and keep m_t and
+   Σ e^{s − m_t} (an online log-sum-exp over tiles); the pointwise kinds add up their loss terms
+   and turn the tile into the unscaled derivative (sigmoid / indicator);
+2. the rows' losses and a per-(row, tile) factor (λ e^{m_t − M} / Σ for the softmax, 1/n for a
+   mean over negatives, times the upstream gradient and 1/τ), then per tile g = factor · tile
+   and the gradient GEMMs gq += g V_t, gV_t += gᵀ q.
+
+The tiles of a chunk live in one reused fp32 buffer [chunk, N] (a tile-sized one when no gradient
+is wanted), so the elementwise work on a tile happens in cache and each score crosses main
+memory about twice. Peak extra memory is O(chunk·N + chunk·N·d for gathered layouts + R·d + N·d);
+no R×N or R×N×d tensor is formed.
 """
 
 from __future__ import annotations
@@ -20,19 +30,32 @@ from ._problem import Problem
 from ._spec import Kind, LossSpec, acc_dtype
 
 # Elements of the per-chunk working set (score buffer, or gathered negatives for the per-row and
-# indexed layouts). 2^20 fp32 = 4 MiB keeps a chunk's elementwise passes in the CPU caches.
+# indexed layouts). 2^20 fp32 = 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
-
 
 # The shared layout's GEMMs lose most of their speed below this many rows, so a large catalogue
 # gets a larger score buffer (still O(chunk·N)) rather than thin GEMMs.
 MIN_GEMM_ROWS = 64
+
+# Elements of one shared-layout score tile: 2^18 fp32 = 1 MiB, half a core's L2 on the
+# development machine, so a tile's elementwise passes do not go to main memory.
+TILE_ELEMENTS = 1 << 18
+
+# e^s is taken without subtracting the row max when |s| provably stays below this bound (then
+# neither e^s nor a sum of up to e^40 such terms leaves the fp32 range).
+EXP_SAFE_BOUND = 40.0
 
 
 def chunk_rows(p: Problem) -> int:
     if p.layout == "shared":
         return max(1, min(p.R, max(MIN_GEMM_ROWS, CHUNK_ELEMENTS // max(p.N, 1))))
     return max(1, min(p.R, CHUNK_ELEMENTS // (max(p.N, 1) * p.d)))
+
+
+def item_tiles(p: Problem, rows: int) -> list[tuple[int, int]]:
+    """Column ranges [j0, j1) of a chunk of ``rows`` rows: L2-sized for the shared layout."""
+    cols = max(1, TILE_ELEMENTS // rows) if p.layout == "shared" else max(p.N, 1)
+    return [(j0, min(p.N, j0 + cols)) for j0 in range(0, max(p.N, 1), cols)]
 
 
 def _softplus_sum(s: Tensor, aux: Tensor | None) -> Tensor:
@@ -42,102 +65,119 @@ def _softplus_sum(s: Tensor, aux: Tensor | None) -> Tensor:
     return torch.logaddexp(s, s.new_zeros(()), out=aux).sum(dim=1)
 
 
-def row_math(spec: LossSpec, s: Tensor, s_pos: Tensor | None, n: Tensor,
-             aux: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """Row losses of a chunk; overwrites ``s`` [c, N] (scores, −inf = masked) with g = ∂L/∂s.
+def tile_pass(spec: LossSpec, s: Tensor, s_pos: Tensor | None, aux: Tensor | None,
+              shift: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Pass 1 on a tile ``s`` [c, w] of scores (−inf = masked); rewrites it in place.
 
-    Returns (loss [c], g_pos [c] or None). ``n`` [c] counts the unmasked negatives; ``aux`` is
-    an optional scratch buffer shaped like ``s`` (the pointwise losses use it).
+    Contrastive: s ← e^{s − m_t}; returns (m_t, Σ_j e^{s_j − m_t}), with m_t the tile's row max
+    (−inf for a row whose tile is fully masked), or m_t = 0 when ``shift`` is False (the caller
+    has bounded |s| so that e^s cannot overflow). Pointwise: s ← ∂ℓ/∂s_j unscaled; returns
+    (Σ_j ℓ_j, Σ_j ∂ℓ/∂s_j for BPR, else None). ``aux`` is optional scratch shaped like ``s``.
     """
-    has_neg = n > 0
     if spec.kind == Kind.CONTRASTIVE:
-        # log(ε e^{s+} + Σ_j e^{s_j}) with max-subtraction; masked entries are −inf → e^{…} = 0.
-        pos_term = None
-        if s_pos is not None and spec.eps > 0:
-            pos_term = s_pos + math.log(spec.eps)
-        row_max = s.amax(dim=1) if s.shape[1] else torch.full_like(n, -math.inf)
+        if not shift:
+            return s.new_zeros(s.shape[:1]), s.exp_().sum(dim=1)
+        tile_max = s.amax(dim=1) if s.shape[1] else s.new_full(s.shape[:1], -math.inf)
+        s.sub_(torch.where(torch.isfinite(tile_max), tile_max, 0)[:, None]).exp_()
+        return tile_max, s.sum(dim=1)
+    if spec.kind == Kind.BPR:
+        s.sub_(s_pos[:, None])
+        loss = _softplus_sum(s, aux)
+        return loss, s.sigmoid_().sum(dim=1)
+    if spec.kind == Kind.BCE:
+        loss = _softplus_sum(s, aux)
+        s.sigmoid_()
+        return loss, None
+    if spec.kind == Kind.CCL:
+        s.sub_(spec.margin)
+        loss = (s.clamp_min(0) if aux is None else torch.clamp_min(s, 0, out=aux)).sum(dim=1)
+        torch.gt(s, 0, out=s)
+        return loss, None
+    raise ValueError(f"unknown loss kind {spec.kind!r}")
+
+
+def finish_rows(spec: LossSpec, stats: list[tuple[Tensor, Tensor | None]], s_pos: Tensor | None,
+                n: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Row losses [c], g+ = ∂L/∂s+ [c] (or None) and the factors [c, T] that turn each pass-1
+    tile into g = ∂L/∂s, from the tiles' statistics. ``n`` [c] counts the unmasked negatives."""
+    has_neg = n > 0
+    zero = torch.zeros_like(n)
+    if spec.kind == Kind.CONTRASTIVE:
+        # log(ε e^{s+} + Σ_t e^{m_t} Σ_j e^{s_j − m_t}) around M = max(m_t, log ε + s+).
+        tile_max = torch.stack([m for m, _ in stats], dim=1)
+        tile_sum = torch.stack([t for _, t in stats], dim=1)
+        pos_term = s_pos + math.log(spec.eps) if s_pos is not None and spec.eps > 0 else None
+        row_max = tile_max.amax(dim=1)
         if pos_term is not None:
             row_max = torch.maximum(row_max, pos_term)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        s.sub_(row_max[:, None]).exp_()
-        sum_exp = s.sum(dim=1)
+        row_max = torch.where(torch.isfinite(row_max), row_max, zero)
+        tile_weight = torch.exp(tile_max - row_max[:, None])  # e^{m_t − M}; 0 for a masked tile
+        sum_exp = (tile_sum * tile_weight).sum(dim=1)
         pos_exp = torch.exp(pos_term - row_max) if pos_term is not None else None
         if pos_exp is not None:
             sum_exp = sum_exp + pos_exp
-        sum_exp = sum_exp.clamp_min(torch.finfo(s.dtype).tiny)
-        lse = torch.log(sum_exp) + row_max
-        loss = spec.lam * (lse - spec.mu * torch.log(n.clamp(min=1)))
+        sum_exp = sum_exp.clamp_min(torch.finfo(n.dtype).tiny)
+        loss = spec.lam * (torch.log(sum_exp) + row_max - spec.mu * torch.log(n.clamp(min=1)))
         if s_pos is not None:
             loss = loss - s_pos
-        zero = torch.zeros_like(loss)
-        loss = torch.where(has_neg, loss, zero)
         # g_j = λ softmax_j ; g+ = −1 + λ ε-share.
         share = torch.where(has_neg, spec.lam / sum_exp, zero)
-        s.mul_(share[:, None])
         g_pos = None
         if s_pos is not None:
             g_pos = torch.where(has_neg, -1 + (pos_exp * share if pos_exp is not None else 0), zero)
-        return loss, g_pos
+        return torch.where(has_neg, loss, zero), g_pos, share[:, None] * tile_weight
 
     denom = torch.ones_like(n) if spec.neg_sum else n.clamp(min=1)
+    neg_loss = sum(loss for loss, _ in stats) / denom
+    factor = (1 / denom)[:, None]
     if spec.kind == Kind.BPR:
-        s.sub_(s_pos[:, None])
-        loss = _softplus_sum(s, aux) / denom
-        s.sigmoid_().div_(denom[:, None])
-        return loss, -s.sum(dim=1)
+        return neg_loss, -sum(g for _, g in stats) / denom, factor
     if spec.kind == Kind.BCE:
-        loss = spec.beta * F.softplus(-s_pos) + _softplus_sum(s, aux) / denom
-        s.sigmoid_().div_(denom[:, None])
-        return loss, -spec.beta * torch.sigmoid(-s_pos)
+        return spec.beta * F.softplus(-s_pos) + neg_loss, -spec.beta * torch.sigmoid(-s_pos), factor
     if spec.kind == Kind.CCL:
-        s.sub_(spec.margin)
-        loss = F.relu(1 - s_pos) + spec.neg_weight * s.clamp_min(0).sum(dim=1) / denom
-        torch.gt(s, 0, out=s)
-        s.mul_((spec.neg_weight / denom)[:, None])
-        return loss, -(s_pos < 1).to(s.dtype)
+        loss = F.relu(1 - s_pos) + spec.neg_weight * neg_loss
+        return loss, -(s_pos < 1).to(n.dtype), spec.neg_weight * factor
     raise ValueError(f"unknown loss kind {spec.kind!r}")
 
 
 class _Workspace:
     """Per-chunk buffers, allocated once and reused by every chunk (views are cut per chunk)."""
 
-    def __init__(self, p: Problem, chunk: int, dtype: torch.dtype, pointwise: bool) -> None:
+    def __init__(self, p: Problem, chunk: int, dtype: torch.dtype, pointwise: bool, keep_scores: bool) -> None:
         dev, N, d = p.query.device, p.N, p.d
-        self.scores = torch.empty(chunk * N, dtype=dtype, device=dev)
-        self.aux = torch.empty(chunk * N, dtype=dtype, device=dev) if pointwise else None
+        tile = max(j1 - j0 for j0, j1 in item_tiles(p, chunk)) * chunk
+        self.keep_scores = keep_scores
+        self.scores = torch.empty(chunk * N if keep_scores else tile, dtype=dtype, device=dev)
+        self.aux = torch.empty(tile, dtype=dtype, device=dev) if pointwise else None
         # Gathered negatives (indexed) or converted ones (per-row inputs not already in ``dtype``).
         gathered = p.layout == "indexed" or (p.layout == "per_row" and p.neg.dtype != dtype)
         self.negs = torch.empty(chunk * N * d, dtype=dtype, device=dev) if gathered else None
-        has_mask = p.neg_mask is not None or p.hit_pos_ids is not None
-        self.mask = torch.empty(chunk * N, dtype=torch.bool, device=dev) if has_mask else None
-        self.hits = torch.empty(chunk * N, dtype=torch.bool, device=dev) if p.hit_pos_ids is not None else None
+        self.hits = torch.empty(tile, dtype=torch.bool, device=dev) if p.hit_pos_ids is not None else None
 
     @staticmethod
-    def view(buf: Tensor | None, *shape: int) -> Tensor | None:
+    def view(buf: Tensor | None, *shape: int, offset: int = 0) -> Tensor | None:
         if buf is None:
             return None
         numel = 1
         for size in shape:
             numel *= size
-        return buf[:numel].view(*shape)
+        return buf[offset:offset + numel].view(*shape)
+
+    def tile(self, c: int, j0: int, j1: int) -> Tensor:
+        """The score tile of columns j0:j1 of a c-row chunk (contiguous [c, j1 − j0])."""
+        return self.view(self.scores, c, j1 - j0, offset=c * j0 if self.keep_scores else 0)
 
 
-def _chunk_mask(p: Problem, r0: int, r1: int, ws: _Workspace) -> Tensor | None:
-    """Bool [c, N] of excluded negatives for rows r0:r1 (in the workspace), or None."""
-    if ws.mask is None:
-        return None
-    c, N = r1 - r0, p.N
-    mask = ws.view(ws.mask, c, N)
+def _tile_mask(p: Problem, r0: int, r1: int, j0: int, j1: int, ws: _Workspace) -> Tensor | None:
+    """Bool mask of excluded negatives for rows r0:r1, columns j0:j1 ([w] or [c, w]), or None."""
+    mask = None
     if p.neg_mask is not None:
-        m = p.neg_mask
-        mask.copy_(m[None, :].expand(c, N) if m.dim() == 1 else m[r0:r1])
-    else:
-        mask.zero_()
+        mask = p.neg_mask[j0:j1] if p.neg_mask.dim() == 1 else p.neg_mask[r0:r1, j0:j1]
     if p.hit_pos_ids is not None:
-        neg_ids = p.hit_neg_ids if p.hit_neg_ids.dim() == 1 else p.hit_neg_ids[r0:r1]
-        hits = ws.view(ws.hits, c, N)
+        neg_ids = p.hit_neg_ids[j0:j1] if p.hit_neg_ids.dim() == 1 else p.hit_neg_ids[r0:r1, j0:j1]
+        hits = ws.view(ws.hits, r1 - r0, j1 - j0)
         torch.eq(p.hit_pos_ids[r0:r1, None], neg_ids, out=hits)
-        mask.logical_or_(hits)
+        mask = hits if mask is None else hits.logical_or_(mask)
     return mask
 
 
@@ -173,74 +213,93 @@ def forward_backward(
         grad_neg = (torch.empty if p.layout == "per_row" else torch.zeros)(p.neg.shape, dtype=acc, device=dev)
 
     chunk = chunk_rows(p)
-    ws = _Workspace(p, chunk, acc, pointwise=spec.kind != Kind.CONTRASTIVE)
+    ws = _Workspace(p, chunk, acc, pointwise=spec.kind != Kind.CONTRASTIVE, keep_scores=want_grad)
+    # |s_rj| ≤ ‖q_r‖ max_j ‖v_j‖ / τ + max |log q|: when that is small, e^s needs no max shift.
+    score_bound = None
+    if spec.kind == Kind.CONTRASTIVE and table is not None and table.numel():
+        score_bound = torch.linalg.vector_norm(table, dim=1).max() * inv_tau
+        log_q_max = log_q.abs().max() if log_q is not None and log_q.numel() else 0.0
     for r0 in range(0, R, chunk):
         r1 = min(R, r0 + chunk)
         c = r1 - r0
         q = p.query[r0:r1].to(acc)
-        s = ws.view(ws.scores, c, N)
+        q_tau = q * inv_tau
         negs = ws.view(ws.negs, c, N, d)  # gathered / converted negatives of the chunk
-        if p.layout == "shared":
-            torch.mm(q, table.T, out=s)
-        else:
-            if p.layout == "per_row":
-                negs = negs.copy_(p.neg[r0:r1]) if negs is not None else p.neg[r0:r1]
-            else:
-                torch.index_select(table, 0, p.neg_idx[r0:r1].reshape(-1), out=negs.view(c * N, d))
-            # q as a row vector times the transposed negatives: the fast batched-GEMV orientation
-            torch.bmm(q[:, None, :], negs.transpose(1, 2), out=s[:, None, :])
-        s.mul_(inv_tau)
-        if log_q is not None:
-            if p.layout == "shared":
-                s.sub_(log_q)
-            elif p.layout == "per_row":
-                s.sub_(log_q[r0:r1])
-            else:
-                s.sub_(log_q[p.neg_idx[r0:r1]])
-        mask = _chunk_mask(p, r0, r1, ws)
-        if mask is not None:
-            s.masked_fill_(mask, -math.inf)
-            n = (N - mask.sum(dim=1)).to(acc)
-        else:
-            n = torch.full((c,), float(N), dtype=acc, device=dev)
+        if p.layout == "per_row":
+            negs = negs.copy_(p.neg[r0:r1]) if negs is not None else p.neg[r0:r1]
+        elif p.layout == "indexed":
+            torch.index_select(table, 0, p.neg_idx[r0:r1].reshape(-1), out=negs.view(c * N, d))
 
         pos = None
         s_pos = None
         if p.has_pos:
             pos = p.pos[r0:r1].to(acc) if p.pos is not None else table[p.pos_idx[r0:r1]]
-            s_pos = (q * pos).sum(dim=1) * inv_tau
+            s_pos = (q_tau * pos).sum(dim=1)
             if p.pos_log_q is not None:
                 s_pos = s_pos - p.pos_log_q[r0:r1].to(acc)
+        shift = score_bound is None or bool(
+            torch.linalg.vector_norm(q, dim=1).max() * score_bound + log_q_max > EXP_SAFE_BOUND)
 
-        loss_c, g_pos = row_math(spec, s, s_pos, n, ws.view(ws.aux, c, N))
+        # Pass 1: scores of each tile and its row statistics.
+        tiles = item_tiles(p, c)
+        n = torch.zeros(c, dtype=acc, device=dev)
+        stats = []
+        for j0, j1 in tiles:
+            s = ws.tile(c, j0, j1)
+            if p.layout == "shared":
+                torch.mm(q_tau, table[j0:j1].T, out=s)
+            else:  # q as a row vector times the transposed negatives: the fast batched-GEMV orientation
+                torch.bmm(q_tau[:, None, :], negs.transpose(1, 2), out=s[:, None, :])
+            if log_q is not None:
+                if p.layout == "shared":
+                    s.sub_(log_q[j0:j1])
+                elif p.layout == "per_row":
+                    s.sub_(log_q[r0:r1])
+                else:
+                    s.sub_(log_q[p.neg_idx[r0:r1]])
+            mask = _tile_mask(p, r0, r1, j0, j1, ws)
+            if mask is not None:
+                s.masked_fill_(mask, -math.inf)
+                n += (j1 - j0) - mask.sum(dim=-1).to(acc)
+            else:
+                n += j1 - j0
+            stats.append(tile_pass(spec, s, s_pos, ws.view(ws.aux, c, j1 - j0), shift))
+
+        loss_c, g_pos, factor = finish_rows(spec, stats, s_pos, n)
         loss[r0:r1] = loss_c
         if not want_grad:
             continue
 
-        # Chain rule through s = <q, v>/τ: scale g by row_scale/τ once, then GEMMs.
-        scale = row_scale[r0:r1].to(acc) * inv_tau
-        s.mul_(scale[:, None])
-        g_pos = g_pos * scale if g_pos is not None else None
-        if need_q:
-            gq = grad_q[r0:r1]
+        # Pass 2: g = factor ⊙ tile, with factor scaled by row_scale/τ (the chain rule through
+        # s = <q, v>/τ). The tile itself is never rescaled: the factor goes on the GEMMs' small
+        # operands, gq += f ⊙ (tile V_t) and gV_t += tileᵀ (f ⊙ q).
+        factor = factor * (row_scale[r0:r1].to(acc) * inv_tau)[:, None]
+        g_pos = g_pos * (row_scale[r0:r1].to(acc) * inv_tau) if g_pos is not None else None
+        gq = grad_q[r0:r1] if need_q else None
+        for t, (j0, j1) in enumerate(tiles):
+            e = ws.tile(c, j0, j1)
+            f = factor[:, t if factor.shape[1] > 1 else 0, None]
             if p.layout == "shared":
-                torch.mm(s, table, out=gq)
-            else:
-                torch.bmm(s[:, None, :], negs, out=gq[:, None, :])
-            if g_pos is not None:
-                gq.add_(g_pos[:, None] * pos)
+                if gq is not None:
+                    part = torch.mm(e, table[j0:j1])
+                    gq.copy_(part.mul_(f)) if t == 0 else gq.addcmul_(part, f)
+                if need_n:
+                    grad_neg[j0:j1].addmm_(e.T, f * q)
+                continue
+            if gq is not None:
+                torch.bmm(e[:, None, :], negs, out=gq[:, None, :])
+                gq.mul_(f)
+            if need_n and p.layout == "per_row":
+                torch.mul(e[:, :, None], (f * q)[:, None, :], out=grad_neg[r0:r1])
+            elif need_n:  # the gathered negatives are no longer needed: reuse their buffer
+                torch.mul(e[:, :, None], (f * q)[:, None, :], out=negs)
+                _scatter_add(grad_neg, p.neg_idx[r0:r1].reshape(-1), negs.view(c * N, d), deterministic)
+        if gq is not None and g_pos is not None:
+            gq.add_(g_pos[:, None] * pos)
         if grad_p is not None:
             torch.mul(g_pos[:, None], q, out=grad_p[r0:r1])
-        if need_n:
-            if p.layout == "shared":
-                grad_neg.addmm_(s.T, q)
-            elif p.layout == "per_row":
-                torch.mul(s[:, :, None], q[:, None, :], out=grad_neg[r0:r1])
-            else:  # the gathered negatives are no longer needed: reuse their buffer
-                torch.mul(s[:, :, None], q[:, None, :], out=negs)
-                _scatter_add(grad_neg, p.neg_idx[r0:r1].reshape(-1), negs.view(c * N, d), deterministic)
-            if p.pos_idx is not None and g_pos is not None:
-                _scatter_add(grad_neg, p.pos_idx[r0:r1], g_pos[:, None] * q, deterministic)
+        if need_n and p.pos_idx is not None and g_pos is not None:
+            _scatter_add(grad_neg, p.pos_idx[r0:r1], g_pos[:, None] * q, deterministic)
     return loss, grad_q, grad_p, grad_neg
 
 

@@ -325,26 +325,53 @@ def test_gradcheck_torch_backend(case: LossCase, layout: str, opts: dict, reduct
     assert torch.autograd.gradcheck(call, tensors, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_elements", [1, 15, 30, 31, 48])
-@pytest.mark.parametrize(("case", "layout", "opts"), _combos([CASES[k] for k in ("infonce", "mine", "ccl")],
+@pytest.mark.parametrize(("chunk_elements", "tile_elements"), [(1, 1), (15, 4), (30, 1 << 18), (31, 7), (48, 9)])
+@pytest.mark.parametrize(("case", "layout", "opts"), _combos([CASES[k] for k in ("infonce", "mine", "ccl", "bpr")],
                                                              options=False))
-def test_torch_backend_chunks(case: LossCase, layout: str, opts: dict, chunk_elements: int,
+def test_torch_backend_chunks(case: LossCase, layout: str, opts: dict, chunk_elements: int, tile_elements: int,
                               gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Several chunks (sizes that divide R, leave a remainder, or are 1 row) give the one-chunk result."""
+    """Several row chunks (sizes that divide R, leave a remainder, or are 1 row) and several item
+    tiles per chunk (shared layout; 1 column, uneven last tile) give the one-chunk result."""
     R, N, d = 12, 5, 3
     inputs = _inputs(case, layout, R, N, d, gen, hits=True, mask="row", log_q=True, weight=True,
                      pos_idx=layout == "indexed")
     whole = run_case(case.fn, "torch", inputs, F32, hparams=case.hparams)
     monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(torch_backend, "MIN_GEMM_ROWS", 1)
+    monkeypatch.setattr(torch_backend, "TILE_ELEMENTS", tile_elements)
     p = build_problem(**{k: v for k, v in inputs.items() if k != "weight"}, **_missing(inputs))
-    assert torch_backend.chunk_rows(p) < R, "the test must run several chunks"
+    chunk = torch_backend.chunk_rows(p)
+    assert chunk < R, "the test must run several chunks"
+    tiles = torch_backend.item_tiles(p, chunk)
+    assert len(tiles) == (1 if layout != "shared" else math.ceil(N / max(1, tile_elements // chunk)))
     for reduction, upstream in (("mean", None), ("none", random_upstream((R,), gen))):
         check_case(case, "torch", inputs, F32, reduction=reduction, upstream=upstream)
     chunked = run_case(case.fn, "torch", inputs, F32, hparams=case.hparams)
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-7)
     for k in whole[1]:
         torch.testing.assert_close(chunked[1][k], whole[1][k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shift", [-300.0, 300.0])
+@pytest.mark.parametrize("case", [CASES[k] for k in ("infonce", "infonce_plus", "mine_plus", "bpr")], ids=repr)
+def test_torch_backend_tiles_with_a_masked_tile(case: LossCase, shift: float, gen: torch.Generator,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fully masked item tile (its row max is −inf) must not shift the online log-sum-exp of
+    the other tiles, whose scores are all far below or above 0 (e^s over/underflows)."""
+    R, N, d = 4, 9, 5
+    inputs = _inputs(case, "shared", R, N, d, gen, log_q=True)
+    mask = torch.zeros(R, N, dtype=torch.bool)
+    mask[:, 3:6] = True  # the middle tile of three
+    mask[0, 6:] = True  # row 0 keeps only its first tile
+    inputs["neg_mask"] = mask
+    inputs["log_q"] = inputs["log_q"] - shift  # scores s − log q ≈ shift
+    if inputs.get("pos") is not None:
+        inputs["pos"] = inputs["pos"] * 0.1
+    monkeypatch.setattr(torch_backend, "MIN_GEMM_ROWS", 1)
+    monkeypatch.setattr(torch_backend, "TILE_ELEMENTS", 3 * R)
+    p = build_problem(**{k: v for k, v in inputs.items() if k != "weight"}, **_missing(inputs))
+    assert torch_backend.item_tiles(p, torch_backend.chunk_rows(p)) == [(0, 3), (3, 6), (6, 9)]
+    check_case(case, "torch", inputs, F32, reduction="none", upstream=random_upstream((R,), gen))
 
 
 def test_chunk_rows_bounds_the_working_set(monkeypatch: pytest.MonkeyPatch, gen: torch.Generator) -> None:

@@ -66,14 +66,16 @@ def test_random_problems_match_oracle(backend: str, problem: tuple, reduction: s
 
 
 @SETTINGS
-@given(problem=problems(), chunk_elements=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
-def test_torch_backend_any_chunk_size(problem: tuple, chunk_elements: int, seed: int) -> None:
+@given(problem=problems(), chunk_elements=st.integers(1, 64), tile_elements=st.integers(1, 64),
+       seed=st.integers(0, 2**31 - 1))
+def test_torch_backend_any_chunk_size(problem: tuple, chunk_elements: int, tile_elements: int, seed: int) -> None:
     case, layout, opts = problem
     assume(supports(case, layout, opts))
     gen = torch.Generator().manual_seed(seed)
     R, N, d = opts.pop("R"), opts.pop("N"), opts.pop("d")
     inputs = make_inputs(layout, R, N, d, gen=gen, **case_options(case, layout, opts))
     with mock.patch.object(torch_backend, "CHUNK_ELEMENTS", chunk_elements), \
-            mock.patch.object(torch_backend, "MIN_GEMM_ROWS", 1):
+            mock.patch.object(torch_backend, "MIN_GEMM_ROWS", 1), \
+            mock.patch.object(torch_backend, "TILE_ELEMENTS", tile_elements):
         check_case(case, "torch", inputs, torch.float32, reduction="none",
                    upstream=torch.randn(R, generator=gen, dtype=torch.float64))
