@@ -13,6 +13,8 @@ Suites (``--suite``):
 * ``scaling`` — sweeps over N (pool / catalogue), R, negatives per row and d, log-log plots.
 * ``limits`` — the largest catalogue (full-catalogue CE, R=8192) and the most negatives per row
   (indexed, R=4096) each implementation fits within 8 GiB.
+* ``readme`` — acceptance, catalogue, scaling and limits in one report: every figure of the
+  README's performance section (``all`` adds ``full``).
 
 Every measurement runs in a fresh process (peak extra memory cannot leak between cases). Results
 go to ``--out``: ``results.csv``, ``report.md`` and PNG plots. On CUDA the same command times
@@ -304,14 +306,15 @@ def plot_scaling(results: list[dict], out: Path) -> list[Path]:
 
 SUITES = {"acceptance": run_acceptance, "catalogue": run_catalogue, "full": run_full, "scaling": run_scaling,
           "limits": run_limits}
+GROUPS = {"all": list(SUITES), "readme": ["acceptance", "catalogue", "scaling", "limits"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=[*SUITES, "all"], default="acceptance")
+    parser.add_argument("--suite", choices=[*SUITES, *GROUPS], default="acceptance")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="4x smaller sizes")
+    parser.add_argument("--quick", action="store_true", help="4x smaller sizes (full), N up to 10^5 (scaling)")
     parser.add_argument("--naive-budget-gib", type=float, default=12.0,
                         help="skip naive peers whose score/gather tensors would exceed this")
     parser.add_argument("--limit-gib", type=float, default=8.0, help="memory limit of the limits suite")
@@ -321,7 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    suites = GROUPS.get(args.suite, [args.suite])
     start = time.perf_counter()
     report = [f"# fastrecloss benchmark ({', '.join(suites)})", "",
               f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

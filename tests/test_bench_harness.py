@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fastrecloss import bench_cli
-from fastrecloss.benchmark import Case, make_inputs, measure_isolated
+from fastrecloss.benchmark import Case, implementation, make_inputs, measure_isolated
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
 
@@ -36,3 +36,25 @@ def test_input_bytes_counts_the_inputs(layout: str) -> None:
     x = make_inputs(case)
     expected = sum(t.numel() * t.element_size() for t in x.values())
     assert bench_cli.input_bytes(case) == expected
+
+
+@pytest.mark.parametrize(("loss", "layout"), [("softmax_ce", "catalogue"), ("infonce", "shared"),
+                                              ("infonce", "per_row"), ("infonce", "indexed")])
+def test_every_peer_computes_the_same_loss(loss: str, layout: str) -> None:
+    """A timing comparison is only fair if every peer computes our loss (and its gradients)."""
+    import torch
+
+    case = Case(loss, layout, rows=12, n=40, dim=8, items=30)
+    x = make_inputs(case)
+    leaves = [t for t in x.values() if t.requires_grad]
+    want = implementation(case, "reference")(x)
+    want_grads = torch.autograd.grad(want, leaves)
+    impls = [i for i in ("torch", *bench_cli.peers(case)) if i != "reference"]
+    if layout == "catalogue":
+        assert "linear_cross_entropy" in impls
+    for impl in impls:
+        got = implementation(case, impl)(x)
+        torch.testing.assert_close(got, want, msg=impl)
+        for g, w in zip(torch.autograd.grad(got, leaves), want_grads):
+            torch.testing.assert_close(g, w, msg=impl)
+
