@@ -212,6 +212,19 @@ def finalize(m, a, b, cnt, s_pos, log_eps, lam, mu, beta, neg_weight, KIND: tl.c
 
 
 @triton.jit
+def load_block(X, pid, n_rows, d, stride_xr, stride_xd, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Block ``pid`` of the rows of a [n_rows, d] matrix: int64 row offsets, row mask, int64 feature
+    offsets, feature mask and the tile [BLOCK, BLOCK_D] (zeros outside), in the input dtype."""
+    rows64 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows64 < n_rows
+    offs_d64 = tl.arange(0, BLOCK_D).to(tl.int64)
+    dmask = offs_d64 < d
+    x = tl.load(X + rows64[:, None] * stride_xr + offs_d64[None, :] * stride_xd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    return rows64, rmask, offs_d64, dmask, x
+
+
+@triton.jit
 def positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_tr, stride_td,
                      POS_FROM_TABLE: tl.constexpr):
     """Positive vectors p_r [rows, D] in fp32: POS[r] or, with POS_FROM_TABLE, TABLE[POS_IDX[r]]."""

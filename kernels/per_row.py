@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._rowmath import finalize, init_state, pointwise_coef, positive_score, store_row_outputs, update_state
+from ._rowmath import finalize, init_state, load_block, pointwise_coef, positive_score, store_row_outputs, update_state
 
 
 @triton.jit
@@ -81,14 +81,9 @@ def rows_kernel(
     or table[neg_idx[r, j]]). Writes L_r, ∂/∂q_r, ∂/∂p_r and, with NEED_GN, ∂/∂v_rj = g_rj q_r
     (stored, or fp32 atomic-added into the table gradient when INDEXED; SCATTER_POS adds
     g+_r q_r into the table row of the positive)."""
-    pid = tl.program_id(0)
-    rows64 = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows64 < R
+    rows64, rmask, offs_d64, dmask, q = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R, BLOCK_D)
+    q = q.to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d64 = tl.arange(0, BLOCK_D).to(tl.int64)
-    dmask = offs_d64 < d
-    q = tl.load(Q + rows64[:, None] * stride_qr + offs_d64[None, :] * stride_qd,
-                mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if HAS_POS:
         s_pos = positive_score(q, POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_nr,
                                stride_nd, POS_LOG_Q, inv_tau, POS_FROM_TABLE, HAS_POS_LOG_Q)

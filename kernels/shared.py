@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._rowmath import finalize, init_state, mm, neg_phi, positive_score, store_row_outputs, update_state
+from ._rowmath import finalize, init_state, load_block, mm, neg_phi, positive_score, store_row_outputs, update_state
 
 
 @triton.jit
@@ -66,14 +66,9 @@ def shared_rows_kernel(
     Online state per row (m, a, b), count n_r, and acc_r = Σ_j φ_rj v_j with the contrastive
     rescaling acc ← acc·e^{m_old − m_new}; at the end ∂L/∂q_r = (coef_r acc_r + g+_r p_r)·scale_r/τ.
     """
-    pid = tl.program_id(0)
-    rows64 = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows64 < R
+    rows64, rmask, offs_d64, dmask, q_raw = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R,
+                                                       BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d64 = tl.arange(0, BLOCK_D).to(tl.int64)
-    dmask = offs_d64 < d
-    q_raw = tl.load(Q + rows64[:, None] * stride_qr + offs_d64[None, :] * stride_qd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
     if HAS_POS:
         s_pos = positive_score(q_raw.to(tl.float32), POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr,
                                stride_pd, stride_nn, stride_nd, POS_LOG_Q, inv_tau, POS_FROM_TABLE, HAS_POS_LOG_Q)
@@ -122,14 +117,9 @@ def shared_items_kernel(
     """Items j of one block: ∂/∂v_j = Σ_r G_jr q_r with G_jr = row_coef_r·φ(s_rj; row_shift_r)
     (+ row_gpos_r where pos_idx_r = j). The transposed score tile Sᵀ = V·Qᵀ [items, rows] is
     recomputed for every row block, so both products have the items as their M dimension."""
-    pid = tl.program_id(0)
-    cols64 = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols64 < N
+    cols64, cmask, offs_d64, dmask, v = load_block(NEG, tl.program_id(0), N, d, stride_nn, stride_nd, BLOCK_N,
+                                                   BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_d64 = tl.arange(0, BLOCK_D).to(tl.int64)
-    dmask = offs_d64 < d
-    v = tl.load(NEG + cols64[:, None] * stride_nn + offs_d64[None, :] * stride_nd,
-                mask=cmask[:, None] & dmask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows64 = r0 + offs_r.to(tl.int64)
