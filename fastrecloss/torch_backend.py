@@ -1,21 +1,21 @@
 """Chunked, memory-lean PyTorch backend (SPEC §6).
 
 Rows are processed in chunks, and each chunk's N columns in item tiles: the whole row for the
-per-row and indexed layouts, L2-sized slices of the catalogue for the shared layout. Two passes:
+per-row and indexed layouts, cache-sized column blocks of the catalogue for the shared layout.
 
-1. per tile: scores (a GEMM for the shared layout, a batched matvec for the gathered ones), the
+1. Per tile: scores (a GEMM for the shared layout, a batched matvec for the gathered ones), the
    logQ correction and the masks (−inf), then the tile's row statistics while it is in cache —
    the contrastive kinds turn the tile into e^{s − m_t} with its own row max m_t and keep m_t and
-   Σ e^{s − m_t} (an online log-sum-exp over tiles); the pointwise kinds add up their loss terms
-   and turn the tile into the unscaled derivative (sigmoid / indicator);
-2. the rows' losses and a per-(row, tile) factor (λ e^{m_t − M} / Σ for the softmax, 1/n for a
-   mean over negatives, times the upstream gradient and 1/τ), then per tile g = factor · tile
-   and the gradient GEMMs gq += g V_t, gV_t += gᵀ q.
+   Σ e^{s − m_t} (an online log-sum-exp over tiles; m_t = 0 when |s| is provably small); the
+   pointwise kinds add up their loss terms and turn the tile into the unscaled derivative
+   (sigmoid / indicator).
+2. The rows' losses and a per-row factor (λ e^{m_t − M} / Σ for the softmax, 1/n for a mean over
+   negatives, times the upstream gradient and 1/τ); then the gradient GEMMs over the whole chunk,
+   gq = f ⊙ (E V) and gV += Eᵀ (f ⊙ q), with the factor on their small operands.
 
-The tiles of a chunk live in one reused fp32 buffer [chunk, N] (a tile-sized one when no gradient
-is wanted), so the elementwise work on a tile happens in cache and each score crosses main
-memory about twice. Peak extra memory is O(chunk·N + chunk·N·d for gathered layouts + R·d + N·d);
-no R×N or R×N×d tensor is formed.
+The chunk's scores live in one reused fp32 buffer [chunk, N] (a tile-sized one when no gradient
+is wanted). Peak extra memory is O(chunk·N + chunk·N·d for gathered layouts + R·d + N·d); no R×N
+or R×N×d tensor is formed.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ from ._spec import Kind, LossSpec, acc_dtype
 # indexed layouts). 2^20 fp32 = 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
 
-# The shared layout's GEMMs lose most of their speed below this many rows, so a large catalogue
-# gets a larger score buffer (still O(chunk·N)) rather than thin GEMMs.
-MIN_GEMM_ROWS = 64
+# The shared layout's GEMMs lose much of their speed with few rows, so a large catalogue gets a
+# larger score buffer (still O(chunk·N)) rather than thin GEMMs — up to MAX_SCORE_ELEMENTS
+# (2^25 fp32 = 128 MiB), beyond which the rows per chunk shrink again.
+MIN_GEMM_ROWS = 256
+MAX_SCORE_ELEMENTS = 1 << 25
 
-# Elements of one shared-layout score tile: 2^18 fp32 = 1 MiB, half a core's L2 on the
-# development machine, so a tile's elementwise passes do not go to main memory.
-TILE_ELEMENTS = 1 << 18
+# Elements of one shared-layout score tile: 2^20 fp32 = 4 MiB, which stays in the development
+# machine's caches (2 MiB L2 per core, 32 MiB L3) while its elementwise passes run.
+TILE_ELEMENTS = 1 << 20
 
 # e^s is taken without subtracting the row max when |s| provably stays below this bound (then
 # neither e^s nor a sum of up to e^40 such terms leaves the fp32 range).
@@ -47,13 +49,15 @@ EXP_SAFE_BOUND = 40.0
 
 
 def chunk_rows(p: Problem) -> int:
+    N = max(p.N, 1)
     if p.layout == "shared":
-        return max(1, min(p.R, max(MIN_GEMM_ROWS, CHUNK_ELEMENTS // max(p.N, 1))))
-    return max(1, min(p.R, CHUNK_ELEMENTS // (max(p.N, 1) * p.d)))
+        rows = max(CHUNK_ELEMENTS // N, min(MIN_GEMM_ROWS, MAX_SCORE_ELEMENTS // N))
+        return max(1, min(p.R, rows))
+    return max(1, min(p.R, CHUNK_ELEMENTS // (N * p.d)))
 
 
 def item_tiles(p: Problem, rows: int) -> list[tuple[int, int]]:
-    """Column ranges [j0, j1) of a chunk of ``rows`` rows: L2-sized for the shared layout."""
+    """Column ranges [j0, j1) of a chunk of ``rows`` rows: cache-sized for the shared layout."""
     cols = max(1, TILE_ELEMENTS // rows) if p.layout == "shared" else max(p.N, 1)
     return [(j0, min(p.N, j0 + cols)) for j0 in range(0, max(p.N, 1), cols)]
 
@@ -163,9 +167,12 @@ class _Workspace:
             numel *= size
         return buf[offset:offset + numel].view(*shape)
 
-    def tile(self, c: int, j0: int, j1: int) -> Tensor:
-        """The score tile of columns j0:j1 of a c-row chunk (contiguous [c, j1 − j0])."""
-        return self.view(self.scores, c, j1 - j0, offset=c * j0 if self.keep_scores else 0)
+    def tile(self, c: int, j0: int, j1: int, N: int) -> Tensor:
+        """The scores of columns j0:j1 of a c-row chunk: a column slice of the row-major [c, N]
+        buffer, or the one reused tile buffer when the scores are not kept for a second pass."""
+        if self.keep_scores:
+            return self.view(self.scores, c, N)[:, j0:j1]
+        return self.view(self.scores, c, j1 - j0)
 
 
 def _tile_mask(p: Problem, r0: int, r1: int, j0: int, j1: int, ws: _Workspace) -> Tensor | None:
@@ -241,11 +248,11 @@ def forward_backward(
             torch.linalg.vector_norm(q, dim=1).max() * score_bound + log_q_max > EXP_SAFE_BOUND)
 
         # Pass 1: scores of each tile and its row statistics.
-        tiles = item_tiles(p, c)
+        tiles = item_tiles(p, chunk)  # the same columns for every chunk: the buffers were sized for them
         n = torch.zeros(c, dtype=acc, device=dev)
         stats = []
         for j0, j1 in tiles:
-            s = ws.tile(c, j0, j1)
+            s = ws.tile(c, j0, j1, N)
             if p.layout == "shared":
                 torch.mm(q_tau, table[j0:j1].T, out=s)
             else:  # q as a row vector times the transposed negatives: the fast batched-GEMV orientation
@@ -270,29 +277,32 @@ def forward_backward(
         if not want_grad:
             continue
 
-        # Pass 2: g = factor ⊙ tile, with factor scaled by row_scale/τ (the chain rule through
-        # s = <q, v>/τ). The tile itself is never rescaled: the factor goes on the GEMMs' small
-        # operands, gq += f ⊙ (tile V_t) and gV_t += tileᵀ (f ⊙ q).
+        # Pass 2: g = factor ⊙ scores, with factor scaled by row_scale/τ (the chain rule through
+        # s = <q, v>/τ), then two GEMMs over the whole chunk. The factor goes on the GEMMs' small
+        # operands, gq = f ⊙ (g V) and gV += gᵀ (f ⊙ q); only tiles that were shifted by their
+        # own max are rescaled in place first.
         factor = factor * (row_scale[r0:r1].to(acc) * inv_tau)[:, None]
         g_pos = g_pos * (row_scale[r0:r1].to(acc) * inv_tau) if g_pos is not None else None
+        f = factor[:, :1]  # without a max shift (or with one tile) every tile has the same factor
+        if factor.shape[1] > 1 and shift:
+            for t, (j0, j1) in enumerate(tiles):
+                ws.tile(c, j0, j1, N).mul_(factor[:, t, None])
+            f = torch.ones_like(f)
+        g = ws.view(ws.scores, c, N)
         gq = grad_q[r0:r1] if need_q else None
-        for t, (j0, j1) in enumerate(tiles):
-            e = ws.tile(c, j0, j1)
-            f = factor[:, t if factor.shape[1] > 1 else 0, None]
-            if p.layout == "shared":
-                if gq is not None:
-                    part = torch.mm(e, table[j0:j1])
-                    gq.copy_(part.mul_(f)) if t == 0 else gq.addcmul_(part, f)
-                if need_n:
-                    grad_neg[j0:j1].addmm_(e.T, f * q)
-                continue
+        if p.layout == "shared":
             if gq is not None:
-                torch.bmm(e[:, None, :], negs, out=gq[:, None, :])
+                torch.mm(g, table, out=gq).mul_(f)
+            if need_n:
+                grad_neg.addmm_(g.T, f * q)
+        else:
+            if gq is not None:
+                torch.bmm(g[:, None, :], negs, out=gq[:, None, :])
                 gq.mul_(f)
             if need_n and p.layout == "per_row":
-                torch.mul(e[:, :, None], (f * q)[:, None, :], out=grad_neg[r0:r1])
+                torch.mul(g[:, :, None], (f * q)[:, None, :], out=grad_neg[r0:r1])
             elif need_n:  # the gathered negatives are no longer needed: reuse their buffer
-                torch.mul(e[:, :, None], (f * q)[:, None, :], out=negs)
+                torch.mul(g[:, :, None], (f * q)[:, None, :], out=negs)
                 _scatter_add(grad_neg, p.neg_idx[r0:r1].reshape(-1), negs.view(c * N, d), deterministic)
         if gq is not None and g_pos is not None:
             gq.add_(g_pos[:, None] * pos)

@@ -387,6 +387,13 @@ def test_chunk_rows_bounds_the_working_set(monkeypatch: pytest.MonkeyPatch, gen:
     assert torch_backend.chunk_rows(build_problem(**inputs, **_missing(inputs))) == 8
     inputs = make_inputs("shared", 5, 40, 4, gen=gen)
     assert torch_backend.chunk_rows(build_problem(**inputs, **_missing(inputs))) == 5
+    # ... unless that buffer would exceed MAX_SCORE_ELEMENTS: then fewer rows (at least one).
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 10)
+    monkeypatch.setattr(torch_backend, "MAX_SCORE_ELEMENTS", 100)
+    inputs = make_inputs("shared", 50, 40, 4, gen=gen)
+    assert torch_backend.chunk_rows(build_problem(**inputs, **_missing(inputs))) == 2
+    monkeypatch.setattr(torch_backend, "MAX_SCORE_ELEMENTS", 10)
+    assert torch_backend.chunk_rows(build_problem(**inputs, **_missing(inputs))) == 1
 
 
 @pytest.mark.parametrize(("layout", "N", "d"), [("shared", 1024, 4), ("per_row", 64, 16), ("indexed", 64, 16)])
