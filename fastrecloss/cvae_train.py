@@ -29,7 +29,7 @@ from torch import nn
 from ._problem import BACKENDS
 from .data import leave_one_out, load_sequences, synthetic, to_sequences
 from .metrics import full_ranking
-from .models.contrastvae import AUGS, KL_NORMS, RECONS, ContrastVAE, EncoderConfig
+from .models.contrastvae import AUGS, KL_NORMS, RECONS, ContrastVAE, EncoderConfig, recon_scale
 from .models.sasrec import SASRec
 from .seqdata import SequenceBatcher, eval_batch, eval_order
 from .training import CHECKPOINT, fit, progress, seed_everything, write_json
@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser, model_name: str) -> None:
         a("--reparam-dropout", type=float, default=None, help="latent dropout of the ma/da second view")
         a("--kl-norm", default="maxlen", choices=KL_NORMS,
           help="maxlen: KL sum over real positions / (B·max_len), the published scale; token: mean per position")
+    a("--recon-norm", default="epoch", choices=["batch", "epoch"],
+      help="epoch (default): the batch's mean reconstruction loss times its real positions / the epoch's mean "
+           "per batch, so every position weighs the same as with the published random batches; batch: the plain "
+           "batch mean, which under length bucketing weighs a batch of short sequences like one of long ones")
     a("--lr", type=float, default=1e-3)
     a("--weight-decay", type=float, default=0.0)
     a("--batch-size", type=int, default=256)
@@ -123,7 +127,8 @@ def resolve(args: argparse.Namespace, num_items: int) -> dict[str, Any]:
         value = getattr(args, key, None)
         hp[key] = default if value is None else value
     for key in ("hidden", "recon", "lr", "weight_decay", "batch_size", "epochs", "patience", "metric",
-                "eval_every", "bucket_pool", "precision", "backend", "seed", "temperature", "kl_norm"):
+                "eval_every", "bucket_pool", "precision", "backend", "seed", "temperature", "kl_norm",
+                "recon_norm"):
         if hasattr(args, key):
             hp[key] = getattr(args, key)
     return hp
@@ -156,22 +161,29 @@ def autocast(model: nn.Module, precision: str) -> torch.autocast:
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_step_fn(setup: Setup):
-    """A function (batch, step) -> dict of loss terms, the total under ``'loss'``."""
+def train_step_fn(setup: Setup, mean_positions: float | None = None):
+    """A function (batch, step) -> dict of loss terms, the total under ``'loss'``.
+
+    ``mean_positions`` (the epoch's mean real positions per batch) is used with
+    ``recon_norm='epoch'``.
+    """
     model, hp = setup.model, setup.hp
+    per_position = mean_positions if hp.get("recon_norm", "batch") == "epoch" else None
 
     def loss_terms(batch, step: int) -> dict[str, torch.Tensor]:
+        scale = recon_scale(batch.valid, per_position)
         if isinstance(model, ContrastVAE):
             with autocast(model, hp["precision"]):
                 out = model(batch.items, batch.valid, batch.aug_items, batch.aug_valid)
             return model.loss_terms(out, batch.targets, batch.negatives, batch.valid, step,
                                     nce_weight=hp["nce_weight"], kl_cap=hp["kl_cap"],
                                     anneal_steps=hp["anneal_steps"], temperature=hp["temperature"],
-                                    recon=hp["recon"], kl_norm=hp["kl_norm"], backend=hp["backend"])
+                                    recon=hp["recon"], kl_norm=hp["kl_norm"], recon_scale=scale,
+                                    backend=hp["backend"])
         with autocast(model, hp["precision"]):
             hidden = model(batch.items, batch.valid)
         return model.loss_terms(hidden, batch.targets, batch.negatives, batch.valid, recon=hp["recon"],
-                                backend=hp["backend"])
+                                recon_scale=scale, backend=hp["backend"])
 
     return loss_terms
 
@@ -221,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
     data_name = "synthetic" if args.data == "synthetic" else Path(args.data).stem
     out = Path(args.out or f"runs/{args.model}-{data_name}-seed{args.seed}")
     show = not args.no_progress
-    loss_terms = train_step_fn(setup)
     steps_per_epoch = len(batcher)
+    loss_terms = train_step_fn(setup, batcher.num_targets / steps_per_epoch)
     t_start = time.perf_counter()
     budget = args.max_minutes * 60 if args.max_minutes is not None else math.inf
     previous_start: list[float] = []  # start of the previous epoch: its training + evaluation time

@@ -21,6 +21,7 @@ from fastrecloss.models.contrastvae import (
     kl_weight,
     next_item_loss,
     nt_xent,
+    recon_scale,
 )
 from fastrecloss.models.sasrec import SASRec
 from fastrecloss.seqdata import SequenceBatcher
@@ -212,6 +213,26 @@ def test_gaussian_kl_over_real_positions() -> None:
     torch.testing.assert_close(gaussian_kl(mu, logvar, valid, 7.0), want)
 
 
+def test_recon_scale_weighs_every_position_the_same() -> None:
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    assert recon_scale(valid, None) == 1.0
+    assert float(recon_scale(valid, 2.5)) == pytest.approx(2.0)
+    # the batch mean times the scale is the sum over positions / the epoch's mean positions per batch
+    torch.manual_seed(0)
+    model = ContrastVAE(_cfg(hidden_dropout=0.0, attn_dropout=0.0), "ma", reparam_dropout=0.0)
+    items, valid, targets, negs = _batch()
+    plain = _loss(model, items, valid, targets, negs)
+    scaled = _loss(model, items, valid, targets, negs, recon_scale=recon_scale(valid, 10.0))
+    torch.testing.assert_close(scaled["recon"], plain["recon"] * valid.sum() / 10.0)
+    torch.testing.assert_close(scaled["loss"] - scaled["recon"], plain["loss"] - plain["recon"])
+    cfg = _cfg(hidden_dropout=0.0, attn_dropout=0.0)
+    sas = SASRec(cfg)
+    hidden = sas(items, valid)
+    a = sas.loss_terms(hidden, targets, negs, valid)
+    b = sas.loss_terms(hidden, targets, negs, valid, recon_scale=0.5)
+    torch.testing.assert_close(b["loss"], 0.5 * a["loss"])
+
+
 def test_kl_annealing() -> None:
     assert kl_weight(0, 0.2, 1000) == 0.0
     assert kl_weight(100, 0.2, 1000) == pytest.approx(0.1)
@@ -380,6 +401,8 @@ def test_presets_and_flags() -> None:
                                                                                               0.0)
     hp = cvae_train.resolve(parser.parse_args(["--data", "Office_Products.txt", "--aug", "da", "--kl-cap", "0.1"]), 10)
     assert (hp["preset"], hp["aug"], hp["kl_cap"], hp["anneal_steps"]) == ("office", "da", 0.1, 20_000)
+    assert hp["recon_norm"] == "epoch"
+    assert cvae_train.resolve(parser.parse_args(["--recon-norm", "batch"]), 10)["recon_norm"] == "batch"
     parser = argparse.ArgumentParser()
     cvae_train.add_arguments(parser, "sasrec")
     hp = cvae_train.resolve(parser.parse_args(["--data", "Beauty.txt"]), 10)

@@ -253,6 +253,20 @@ def alpha_prior(alpha: Tensor) -> Tensor:
     return -(0.5 * torch.log(alpha) + c1 * alpha + c2 * alpha ** 2 + c3 * alpha ** 3).mean()
 
 
+def recon_scale(valid: Tensor, mean_positions: float | None) -> float | Tensor:
+    """Factor on a batch's mean reconstruction loss.
+
+    ``None``: 1 (the mean over the batch's real positions, as published). A number: the batch's
+    real positions / ``mean_positions`` (the epoch's mean real positions per batch), so every
+    position weighs the same whatever its batch: with random batches (published) that holds in
+    expectation, with length-bucketed batches the plain mean would weigh a batch of short
+    sequences as much as a batch of long ones.
+    """
+    if mean_positions is None:
+        return 1.0
+    return valid.sum().to(torch.float32) / mean_positions
+
+
 def kl_weight(step: int, cap: float, anneal_steps: int) -> float:
     """β_t = min(cap, t / anneal_steps): linear annealing per optimisation step."""
     return min(cap, step / anneal_steps) if anneal_steps > 0 else cap
@@ -335,8 +349,11 @@ class ContrastVAE(nn.Module):
 
     def loss_terms(self, out: VAEOutput, targets: Tensor, negatives: Tensor | None, valid: Tensor, step: int, *,
                    nce_weight: float, kl_cap: float, anneal_steps: int, temperature: float = 0.5,
-                   recon: str = "bce", kl_norm: str = "maxlen", backend: str = "auto") -> dict[str, Tensor]:
+                   recon: str = "bce", kl_norm: str = "maxlen", recon_scale: float | Tensor = 1.0,
+                   backend: str = "auto") -> dict[str, Tensor]:
         """Every term and the total (``'loss'``). ``targets``/``negatives``/``valid`` [B, L].
+
+        ``recon_scale`` multiplies the reconstruction mean (see :func:`recon_scale`).
 
         ``kl_norm``: 'maxlen' divides the KL summed over real positions by B·max_len (the scale of
         the published code, which averages over max_len padded positions); 'token' by the number
@@ -349,7 +366,7 @@ class ContrastVAE(nn.Module):
         w = valid.to(out.hidden.dtype).reshape(-1).repeat(2)
         negs = negatives.reshape(-1).repeat(2) if negatives is not None else None
         rec = next_item_loss(out.hidden.reshape(-1, d), self.table, targets.reshape(-1).repeat(2), negs, w,
-                             recon=recon, num_items=self.cfg.num_items, backend=backend)
+                             recon=recon, num_items=self.cfg.num_items, backend=backend) * recon_scale
         valid2 = torch.cat([valid, valid])
         denom = B * self.cfg.max_len if kl_norm == "maxlen" else valid.sum().clamp_min(1)
         kl = gaussian_kl(out.mu, out.logvar, valid2, denom)

@@ -38,12 +38,13 @@ class SASRec(nn.Module):
         return self.encoder(self.embed(items), attention_mask(valid))
 
     def loss_terms(self, hidden: Tensor, targets: Tensor, negatives: Tensor | None, valid: Tensor, *,
-                   recon: str = "bce", backend: str = "auto") -> dict[str, Tensor]:
+                   recon: str = "bce", recon_scale: float | Tensor = 1.0,
+                   backend: str = "auto") -> dict[str, Tensor]:
         d = hidden.shape[-1]
         rec = next_item_loss(hidden.reshape(-1, d), self.table, targets.reshape(-1),
                              negatives.reshape(-1) if negatives is not None else None,
                              valid.reshape(-1).to(hidden.dtype), recon=recon, num_items=self.cfg.num_items,
-                             backend=backend)
+                             backend=backend) * recon_scale
         return {"recon": rec, "loss": rec}
 
     @torch.no_grad()
