@@ -147,9 +147,10 @@ def finish_rows(spec: LossSpec, stats: list[tuple[Tensor, Tensor | None]], s_pos
 class _Workspace:
     """Per-chunk buffers, allocated once and reused by every chunk (views are cut per chunk)."""
 
-    def __init__(self, p: Problem, chunk: int, dtype: torch.dtype, pointwise: bool, keep_scores: bool) -> None:
+    def __init__(self, p: Problem, chunk: int, tiles: list[tuple[int, int]], dtype: torch.dtype, pointwise: bool,
+                 keep_scores: bool) -> None:
         dev, N, d = p.query.device, p.N, p.d
-        tile = max(j1 - j0 for j0, j1 in item_tiles(p, chunk)) * chunk
+        tile = max(j1 - j0 for j0, j1 in tiles) * chunk
         self.keep_scores = keep_scores
         self.scores = torch.empty(chunk * N if keep_scores else tile, dtype=dtype, device=dev)
         self.aux = torch.empty(tile, dtype=dtype, device=dev) if pointwise else None
@@ -159,13 +160,13 @@ class _Workspace:
         self.hits = torch.empty(tile, dtype=torch.bool, device=dev) if p.hit_pos_ids is not None else None
 
     @staticmethod
-    def view(buf: Tensor | None, *shape: int, offset: int = 0) -> Tensor | None:
+    def view(buf: Tensor | None, *shape: int) -> Tensor | None:
         if buf is None:
             return None
         numel = 1
         for size in shape:
             numel *= size
-        return buf[offset:offset + numel].view(*shape)
+        return buf[:numel].view(*shape)
 
     def tile(self, c: int, j0: int, j1: int, N: int) -> Tensor:
         """The scores of columns j0:j1 of a c-row chunk: a column slice of the row-major [c, N]
@@ -220,12 +221,17 @@ def forward_backward(
         grad_neg = (torch.empty if p.layout == "per_row" else torch.zeros)(p.neg.shape, dtype=acc, device=dev)
 
     chunk = chunk_rows(p)
-    ws = _Workspace(p, chunk, acc, pointwise=spec.kind != Kind.CONTRASTIVE, keep_scores=want_grad)
-    # |s_rj| ≤ ‖q_r‖ max_j ‖v_j‖ / τ + max |log q|: when that is small, e^s needs no max shift.
-    score_bound = None
-    if spec.kind == Kind.CONTRASTIVE and table is not None and table.numel():
-        score_bound = torch.linalg.vector_norm(table, dim=1).max() * inv_tau
-        log_q_max = log_q.abs().max() if log_q is not None and log_q.numel() else 0.0
+    tiles = item_tiles(p, chunk)  # the same columns for every chunk: the buffers are sized for them
+    ws = _Workspace(p, chunk, tiles, acc, pointwise=spec.kind != Kind.CONTRASTIVE, keep_scores=want_grad)
+    # |s_rj| ≤ max_r ‖q_r‖ max_j ‖v_j‖ / τ + max |log q|: when that is small, e^s needs no max
+    # shift. Decided once per call (one host sync on CUDA).
+    shift = True
+    if spec.kind == Kind.CONTRASTIVE and table is not None and table.numel() and R:
+        bound = (torch.linalg.vector_norm(p.query, dim=1, dtype=acc).max()
+                 * torch.linalg.vector_norm(table, dim=1).max() * inv_tau)
+        if log_q is not None and log_q.numel():
+            bound = bound + log_q.abs().max()
+        shift = bool(bound > EXP_SAFE_BOUND)
     for r0 in range(0, R, chunk):
         r1 = min(R, r0 + chunk)
         c = r1 - r0
@@ -244,11 +250,8 @@ def forward_backward(
             s_pos = (q_tau * pos).sum(dim=1)
             if p.pos_log_q is not None:
                 s_pos = s_pos - p.pos_log_q[r0:r1].to(acc)
-        shift = score_bound is None or bool(
-            torch.linalg.vector_norm(q, dim=1).max() * score_bound + log_q_max > EXP_SAFE_BOUND)
 
         # Pass 1: scores of each tile and its row statistics.
-        tiles = item_tiles(p, chunk)  # the same columns for every chunk: the buffers were sized for them
         n = torch.zeros(c, dtype=acc, device=dev)
         stats = []
         for j0, j1 in tiles:
@@ -281,8 +284,9 @@ def forward_backward(
         # s = <q, v>/τ), then two GEMMs over the whole chunk. The factor goes on the GEMMs' small
         # operands, gq = f ⊙ (g V) and gV += gᵀ (f ⊙ q); only tiles that were shifted by their
         # own max are rescaled in place first.
-        factor = factor * (row_scale[r0:r1].to(acc) * inv_tau)[:, None]
-        g_pos = g_pos * (row_scale[r0:r1].to(acc) * inv_tau) if g_pos is not None else None
+        scale = row_scale[r0:r1].to(acc) * inv_tau
+        factor = factor * scale[:, None]
+        g_pos = g_pos * scale if g_pos is not None else None
         f = factor[:, :1]  # without a max shift (or with one tile) every tile has the same factor
         if factor.shape[1] > 1 and shift:
             for t, (j0, j1) in enumerate(tiles):
