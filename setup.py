@@ -3,9 +3,9 @@
 All metadata lives in pyproject.toml; this file only declares the package layout.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["fastrecloss", "fastrecloss.models", "fastrecloss.kernels"],
+    packages=[*find_packages(include=["fastrecloss", "fastrecloss.*"]), "fastrecloss.kernels"],
     package_dir={"fastrecloss": "fastrecloss", "fastrecloss.kernels": "kernels"},
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrecloss.benchmark import Case, implementation, make_inputs
+from fastrecloss.benchmark.harness import Case, implementation, make_inputs
 
 CASES = [
     Case(loss, layout, rows=1024, n=n, items=items)

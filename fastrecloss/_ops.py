@@ -20,7 +20,7 @@ from torch import Tensor
 from ._problem import Problem
 from ._spec import LossSpec, acc_dtype
 
-_BACKEND_MODULES = {"torch": "fastrecloss.torch_backend", "triton": "fastrecloss.triton_backend"}
+_BACKEND_MODULES = {"torch": "fastrecloss.backends.torch", "triton": "fastrecloss.backends.triton"}
 _TENSOR_FIELDS = ("query", "neg", "pos", "pos_idx", "neg_idx", "log_q", "pos_log_q", "hit_pos_ids",
                   "hit_neg_ids", "neg_mask")
 

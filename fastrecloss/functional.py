@@ -19,9 +19,10 @@ from typing import Any
 
 from torch import Tensor
 
-from . import _ops, reference
+from . import _ops
 from ._problem import BACKENDS, REDUCTIONS, _check_range, _check_shape, build_problem, check_choice, check_weight
 from ._spec import Kind, LossSpec, contrastive, neg_sum_flag
+from .backends import reference
 
 __all__ = [
     "sampled_logsumexp", "infonce", "infonce_plus", "dcl", "mine", "mine_plus", "softmax_ce",

@@ -2,7 +2,7 @@
 
 Every kernel keeps its tiles in registers, so the budget that matters is registers per thread
 (255 at most; more spills to local memory). The tables below were chosen with
-``fastrecloss kernels`` (``kernels/aot.py``): every configuration they can produce compiles for
+``fastrecloss kernels`` (``fastrecloss/backends/triton_aot.py``): every configuration they can produce compiles for
 sm_80 and sm_90 with zero spills, for the heaviest option set (logQ, [R, N] mask, accidental hits,
 positives from the table, every gradient), and the test suite asserts it.
 

@@ -45,9 +45,9 @@ def _epoch(batcher, step, opt, epoch: int, pad_to: int | None) -> int:
 
 
 def epoch_time(args: argparse.Namespace) -> None:
-    from fastrecloss.cvae_train import build, train_step_fn
-    from fastrecloss.data import leave_one_out, load_sequences
-    from fastrecloss.seqdata import SequenceBatcher
+    from fastrecloss.recsys.cvae_train import build, train_step_fn
+    from fastrecloss.recsys.data import leave_one_out, load_sequences
+    from fastrecloss.recsys.seqdata import SequenceBatcher
 
     torch.set_num_threads(args.threads)
     data = load_sequences(args.data)
@@ -76,8 +76,8 @@ def epoch_time(args: argparse.Namespace) -> None:
 
 
 def _loss_case(name: str, backend: str, L: int, threads: int) -> dict[str, float]:
-    from fastrecloss.models.contrastvae import next_item_loss, nt_xent
-    from fastrecloss.training import PeakMemory
+    from fastrecloss.recsys.models.contrastvae import next_item_loss, nt_xent
+    from fastrecloss.recsys.training import PeakMemory
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

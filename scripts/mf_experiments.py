@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastrecloss.data import load_interactions, ratio_split  # noqa: E402
-from fastrecloss.mf_train import MFConfig, train_mf  # noqa: E402
-from fastrecloss.training import write_json  # noqa: E402
+from fastrecloss.recsys.data import load_interactions, ratio_split  # noqa: E402
+from fastrecloss.recsys.mf_train import MFConfig, train_mf  # noqa: E402
+from fastrecloss.recsys.training import write_json  # noqa: E402
 
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "ml-100k" / "ml-100k.inter"
 LOSS_ORDER = ("mine_plus", "infonce_plus", "mine", "infonce", "dcl", "softmax_ce", "bpr", "bce", "ccl")

@@ -13,8 +13,8 @@ import argparse
 import statistics
 import time
 
-from fastrecloss import torch_backend as tb
-from fastrecloss.benchmark import Case, _step, implementation, make_inputs
+from fastrecloss.backends import torch as tb
+from fastrecloss.benchmark.harness import Case, _step, implementation, make_inputs
 
 
 def main() -> None:

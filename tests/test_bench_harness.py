@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fastrecloss import bench_cli
-from fastrecloss.benchmark import Case, implementation, make_inputs, measure_isolated
+from fastrecloss.benchmark import suites as bench_cli
+from fastrecloss.benchmark.harness import Case, implementation, make_inputs, measure_isolated
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS is read from /proc")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastrecloss import cvae_train
-from fastrecloss.models.contrastvae import (
+from fastrecloss.recsys import cvae_train
+from fastrecloss.recsys.models.contrastvae import (
     ContrastVAE,
     EncoderConfig,
     FastDropout,
@@ -23,8 +23,8 @@ from fastrecloss.models.contrastvae import (
     nt_xent,
     recon_scale,
 )
-from fastrecloss.models.sasrec import SASRec
-from fastrecloss.seqdata import SequenceBatcher
+from fastrecloss.recsys.models.sasrec import SASRec
+from fastrecloss.recsys.seqdata import SequenceBatcher
 
 NUM_ITEMS = 40
 

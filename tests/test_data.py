@@ -1,4 +1,4 @@
-"""Loaders, id remapping, splits and the synthetic generator of fastrecloss.data."""
+"""Loaders, id remapping, splits and the synthetic generator of fastrecloss.recsys.data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastrecloss.data import (
+from fastrecloss.recsys.data import (
     DataError,
     Interactions,
     detect_format,

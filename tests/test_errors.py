@@ -154,7 +154,7 @@ def _with_backend(fn: Callable[..., object], backend: str) -> Callable[..., obje
 
 def test_errors_raise_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Validation happens before a backend runs: a failing backend is never reached on bad input."""
-    from fastrecloss import torch_backend
+    from fastrecloss.backends import torch as torch_backend
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("the backend ran on invalid input")

@@ -29,8 +29,8 @@ from helpers import (
 )
 
 from fastrecloss import functional as F
-from fastrecloss import torch_backend
 from fastrecloss._problem import build_problem
+from fastrecloss.backends import torch as torch_backend
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 backends = pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)

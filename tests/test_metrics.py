@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastrecloss.metrics import full_ranking, mask_history, rank_metrics, target_ranks
+from fastrecloss.recsys.metrics import full_ranking, mask_history, rank_metrics, target_ranks
 
 
 def L(r: int) -> float:

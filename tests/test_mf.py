@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from fastrecloss import mf_train
-from fastrecloss.data import ratio_split, synthetic
-from fastrecloss.metrics import full_ranking
-from fastrecloss.mf_train import MFConfig, train_mf
-from fastrecloss.models import MF
-from fastrecloss.models.mf import LAYOUTS, LOSSES, MFBatch, check_loss, resolve_layout
-from fastrecloss.sampling import NegativeSampler, UserItemSet
+from fastrecloss.recsys import mf_train
+from fastrecloss.recsys.data import ratio_split, synthetic
+from fastrecloss.recsys.metrics import full_ranking
+from fastrecloss.recsys.mf_train import MFConfig, train_mf
+from fastrecloss.recsys.models import MF
+from fastrecloss.recsys.models.mf import LAYOUTS, LOSSES, MFBatch, check_loss, resolve_layout
+from fastrecloss.recsys.sampling import NegativeSampler, UserItemSet
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -198,7 +198,7 @@ def test_cli_trains_and_writes_results(tmp_path: Path, capsys: pytest.CaptureFix
     assert "test:" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fastrecloss.cvae_train") is None,
+@pytest.mark.skipif(importlib.util.find_spec("fastrecloss.recsys.cvae_train") is None,
                     reason="fastrecloss train needs every model's module (cvae_train not present yet)")
 def test_console_command_routes_to_mf(capsys: pytest.CaptureFixture[str]) -> None:
     from fastrecloss.cli import main

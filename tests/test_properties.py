@@ -10,7 +10,7 @@ from helpers import BACKENDS_UNDER_TEST, LOSS_CASES, LossCase, case_options, che
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fastrecloss import torch_backend
+from fastrecloss.backends import torch as torch_backend
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from fastrecloss.sampling import NegativeSampler, UserItemSet, in_batch_log_q
+from fastrecloss.recsys.sampling import NegativeSampler, UserItemSet, in_batch_log_q
 
 
 def chi2_critical(df: int, z: float = 3.719) -> float:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastrecloss.seqdata import (
+from fastrecloss.recsys.seqdata import (
     AUGMENTATIONS,
     SequenceBatcher,
     augment,

@@ -14,9 +14,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fastrecloss import triton_backend
 from fastrecloss._problem import Problem, build_problem
 from fastrecloss._spec import Kind, LossSpec
+from fastrecloss.backends import triton as triton_backend
 
 pytestmark = pytest.mark.skipif(not triton_backend.interpreting(),
                                 reason="the kernels run on CPU only under TRITON_INTERPRET=1 (set by conftest.py)")
@@ -87,7 +87,7 @@ def test_launcher_allocates_no_rxn_buffer(layout: str, kind: Kind, gen: torch.Ge
 def test_planned_allocations_at_issue_sizes(layout: str, deterministic: bool) -> None:
     """Plan (no kernel runs) on meta tensors at the issue's sizes: in-batch 16k×16k×64 and full
     catalogue 65k × 1M × 128 (shared), 4096 × 512 negatives from a 10M × 128 table (indexed)."""
-    from fastrecloss.kernels import launch
+    from fastrecloss.backends import triton_plan as launch
 
     def meta(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype, device="meta")

@@ -1,6 +1,6 @@
 """Every kernel × launch configuration compiles ahead of time for sm_80 and sm_90, no GPU (SPEC §7).
 
-``kernels.aot.run_isolated`` compiles, in a fresh interpreter without TRITON_INTERPRET, exactly the
+``fastrecloss.backends.triton_aot.run_isolated`` compiles, in a fresh interpreter without TRITON_INTERPRET, exactly the
 launches the runtime plans for a representative problem per configuration (every option on, every
 gradient), and reads registers and spills from each cubin with ``cuobjdump``. All configurations
 are defaults of ``kernels/config.py``, so none may spill. Measured here: ~1 min for the ~116
@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from fastrecloss.kernels import aot, config
+from fastrecloss.kernels import config
 
-from fastrecloss import kernels_cli
+from fastrecloss.backends import triton_aot as aot
+from fastrecloss.cli import kernels as kernels_cli
 
 KERNELS = {"shared_rows_kernel", "shared_items_kernel", "rows_kernel", "item_segment_kernel"}
 

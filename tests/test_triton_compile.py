@@ -13,7 +13,7 @@ from helpers import model_step
 from torch import Tensor, nn
 
 from fastrecloss import functional as F
-from fastrecloss import triton_backend
+from fastrecloss.backends import triton as triton_backend
 
 pytestmark = pytest.mark.skipif(not triton_backend.interpreting(),
                                 reason="the kernels run on CPU only under TRITON_INTERPRET=1 (set by conftest.py)")

@@ -30,9 +30,9 @@ from helpers import (
     supports,
 )
 
-from fastrecloss import triton_backend
 from fastrecloss._problem import build_problem
 from fastrecloss._spec import Kind, LossSpec
+from fastrecloss.backends import triton as triton_backend
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TRITON = "triton"
@@ -250,7 +250,7 @@ def test_deterministic_is_bit_identical(layout: str, spec: LossSpec) -> None:
 def test_deterministic_plan_has_no_atomics(gen: torch.Generator) -> None:
     """The interpreter runs programs one at a time, so atomics are reproducible there anyway; check
     that the deterministic indexed plan replaces them by the item-segment pass."""
-    from fastrecloss.kernels import launch
+    from fastrecloss.backends import triton_plan as launch
 
     inputs = make_inputs("indexed", 9, 6, 8, gen=gen, pos_idx=True, dup=True)
     args = {k: (v.float() if k in ("query", "neg") else v) for k, v in inputs.items()}

@@ -9,7 +9,7 @@ Positions are the ones the sequence would have if it were left-padded to ``max_l
 item is always at position ``max_len - 1``), so per-batch padding changes nothing in the model.
 
 Training example of a user (S3Rec/ContrastVAE protocol): the training prefix ``seq`` (from
-:func:`fastrecloss.data.leave_one_out`) gives inputs ``seq[:-1]`` and next-item targets
+:func:`fastrecloss.recsys.data.leave_one_out`) gives inputs ``seq[:-1]`` and next-item targets
 ``seq[1:]`` at every position, cut to the last ``max_len``.
 
 Data augmentations (the "da" view of ContrastVAE), on one user's input list of length n, keep the

@@ -1,8 +1,8 @@
 """Fused Triton backend (SPEC §6, §7): the launcher behind ``backend="triton"``.
 
-Same contract as :func:`fastrecloss.torch_backend.forward_backward`. The kernels live in
+Same contract as :func:`fastrecloss.backends.torch.forward_backward`. The kernels live in
 ``fastrecloss.kernels`` (one template per layout, shared row math in ``kernels/_rowmath.py``);
-this module checks where the tensors are, plans the launches (``kernels/launch.py``) and runs
+this module checks where the tensors are, plans the launches (``fastrecloss/backends/triton_plan.py``) and runs
 them. Nothing here synchronises with the host or allocates an R×N or R×N×d buffer.
 
 Precision: the kernels accumulate in fp32 for every input dtype. fp64 inputs are accepted and
@@ -20,12 +20,12 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ._problem import Problem
-from ._spec import LossSpec
+from .._problem import Problem
+from .._spec import LossSpec
 
 
 def _kernels():
-    from .kernels import launch  # imported lazily: decorating the kernels reads TRITON_INTERPRET
+    from . import triton_plan as launch  # imported lazily: decorating the kernels reads TRITON_INTERPRET
 
     return launch
 
@@ -55,7 +55,7 @@ def forward_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Row losses [R] and, when ``row_scale`` [R] is given, the gradients of Σ_r row_scale_r·L_r
     with respect to (query, pos, neg) where ``needs`` asks for them — see
-    :func:`fastrecloss.torch_backend.forward_backward`. Outputs are in the accumulation dtype; the
+    :func:`fastrecloss.backends.torch.forward_backward`. Outputs are in the accumulation dtype; the
     item gradient of the indexed layout (and the positives' gradient with ``pos_idx``) is an fp32
     table-shaped buffer. ``deterministic`` only changes the indexed layout's item gradient (an
     item-segment pass instead of atomics); every other path is deterministic already.

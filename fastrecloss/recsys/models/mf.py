@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from .. import functional as F
+from ... import functional as F
 from ..sampling import NegativeSampler, UserItemSet, in_batch_log_q
 
 # name -> (function, hyper-parameters it accepts)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import functional as FL
+from ... import functional as FL
 
 AUGS = ("va", "ma", "da")
 RECONS = ("bce", "softmax_ce")

@@ -2,7 +2,7 @@
 
 Each case is a representative problem on the ``meta`` device (no memory) with every option on
 (logQ, positive logQ, an [R, N] mask, accidental hits, positives as table rows where the layout
-allows it, every gradient). :func:`kernels.launch.plan` turns it into exactly the launches the
+allows it, every gradient). :func:`fastrecloss.backends.triton_plan.plan` turns it into exactly the launches the
 runtime would make; each launch is compiled with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cap, 32))`` and its cubin is read with ``cuobjdump
 --dump-resource-usage`` (shipped with Triton): ``REG`` registers per thread, ``STACK``/``LOCAL``
@@ -13,7 +13,7 @@ The configurations are the tiles the heuristics of ``kernels/config.py`` give fo
 all of them are *default* configurations, and the test suite asserts zero spills for each.
 
 Kernels must be decorated without ``TRITON_INTERPRET``; :func:`run_isolated` therefore runs the
-compilation in a fresh interpreter (``python -m fastrecloss.kernels.aot --json``) with that
+compilation in a fresh interpreter (``python -m fastrecloss.backends.triton_aot --json``) with that
 variable removed, which is what the CLI and the tests call.
 """
 
@@ -58,7 +58,7 @@ class Result:
 
 def _meta_problem(layout: str, d: int, n: int, dtype: torch.dtype):
     """A problem of tensors on the meta device (shapes only) with every option on."""
-    from fastrecloss._problem import Problem
+    from .._problem import Problem
 
     R, items = 256, 4096
 
@@ -81,9 +81,8 @@ def _meta_problem(layout: str, d: int, n: int, dtype: torch.dtype):
 
 def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any, bool]]:
     """(label, problem, spec, deterministic) for every configuration of :mod:`kernels.config`."""
-    from fastrecloss._spec import Kind, LossSpec
-
-    from .config import AOT_D, AOT_DTYPES, AOT_N, max_d
+    from .._spec import Kind, LossSpec
+    from ..kernels.config import AOT_D, AOT_DTYPES, AOT_N, max_d
 
     out = []
     for kind in kinds:
@@ -138,7 +137,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 def _launches(kinds: tuple[str, ...], case: int) -> tuple[str, list]:
     """The launches the runtime would make for case number ``case`` of :func:`cases`."""
-    from . import launch as launch_mod
+    from . import triton_plan as launch_mod
 
     label, problem, spec, det = cases(kinds)[case]
     plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
@@ -171,7 +170,7 @@ def _compile(job: tuple[tuple[str, ...], int, int, int]) -> Result:
 
 def jobs(kinds: tuple[str, ...], archs: tuple[int, ...]) -> list[tuple[tuple[str, ...], int, int, int]]:
     """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile."""
-    from . import launch as launch_mod
+    from . import triton_plan as launch_mod
 
     if type(launch_mod.shared_rows_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("AOT compilation needs the kernels decorated without TRITON_INTERPRET; use run_isolated()")
@@ -200,7 +199,7 @@ def run_isolated(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ..
                  progress: bool = False) -> list[Result]:
     """:func:`compile_all` in a fresh Python without TRITON_INTERPRET (streamed back as JSON lines)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fastrecloss.kernels.aot", "--jsonl", "--workers", str(workers),
+    cmd = [sys.executable, "-m", "fastrecloss.backends.triton_aot", "--jsonl", "--workers", str(workers),
            "--kinds", *kinds, "--archs", *map(str, archs)]
     results: list[Result] = []
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,

@@ -2,7 +2,7 @@
 
 No GPU is needed: each kernel is compiled for sm_80 and sm_90 with ``triton.compile`` and an
 explicit ``GPUTarget``, and the registers, spills (STACK/LOCAL bytes) and shared memory of every
-cubin are printed (see ``kernels/aot.py``). Exits with status 1 when any configuration spills.
+cubin are printed (see ``fastrecloss/backends/triton_aot.py``). Exits with status 1 when any configuration spills.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .kernels import aot
+from ..backends import triton_aot as aot
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 Item + position embeddings → causal transformer → the hidden state at each position scored
 against the tied item table; trained with the same next-item losses as ContrastVAE
-(:func:`~fastrecloss.models.contrastvae.next_item_loss`: BCE with one sampled negative per
+(:func:`~fastrecloss.recsys.models.contrastvae.next_item_loss`: BCE with one sampled negative per
 position, or the full-catalogue ``softmax_ce``).
 """
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._problem import BACKENDS
+from ..functional import BACKENDS
 from .data import (
     DataError,
     Interactions,
@@ -318,7 +318,7 @@ def demo_comparison(quick: bool = False) -> str:
     process each) and return a table of their test metrics, time and peak RSS growth."""
     rows = []
     for backend in ("reference", "torch"):
-        code = ("import json, sys; from fastrecloss.mf_train import _demo_case; "
+        code = ("import json, sys; from fastrecloss.recsys.mf_train import _demo_case; "
                 f"print(json.dumps(_demo_case({backend!r}, {quick!r})))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         if proc.returncode != 0:

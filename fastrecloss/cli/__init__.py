@@ -1,7 +1,8 @@
-"""The ``fastrecloss`` console command.
+"""The ``fastrecloss`` console command, the top of the tree.
 
-Each subcommand lives in its own module that defines ``add_arguments(parser)`` and
-``run(args) -> int``; this file only routes to them (and imports them lazily).
+Each subcommand lives in its own module here (``demo``, ``train``, ``bench``, ``kernels``) that
+defines ``add_arguments(parser)`` and ``run(args) -> int``; this file only routes to them and
+imports them lazily. The CLI may import anything in the package; nothing imports the CLI.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("fastrecloss.demo", "every loss on every backend: agreement, time and memory"),
-    "train": ("fastrecloss.train_cli", "train a reference model (mf, contrastvae, sasrec)"),
-    "bench": ("fastrecloss.bench_cli", "benchmark the backends against the peers"),
-    "kernels": ("fastrecloss.kernels_cli", "compile every Triton kernel ahead of time for sm_80/sm_90"),
+    "demo": ("fastrecloss.cli.demo", "every loss on every backend: agreement, time and memory"),
+    "train": ("fastrecloss.cli.train", "train a reference model (mf, contrastvae, sasrec)"),
+    "bench": ("fastrecloss.cli.bench", "benchmark the backends against the peers"),
+    "kernels": ("fastrecloss.cli.kernels", "compile every Triton kernel ahead of time for sm_80/sm_90"),
 }
 
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._problem import Problem
-from ._spec import Kind, LossSpec, acc_dtype
+from .._problem import Problem
+from .._spec import Kind, LossSpec, acc_dtype
 
 # Elements of the per-chunk working set (score buffer, or gathered negatives for the per-row and
 # indexed layouts). 2^20 fp32 = 4 MiB.

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._problem import Problem
-from ._spec import Kind, LossSpec
+from .._problem import Problem
+from .._spec import Kind, LossSpec
 
 
 def negative_vectors(p: Problem) -> Tensor:

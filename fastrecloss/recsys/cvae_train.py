@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._problem import BACKENDS
+from ..functional import BACKENDS
 from .data import leave_one_out, load_sequences, synthetic, to_sequences
 from .metrics import full_ranking
 from .models.contrastvae import AUGS, KL_NORMS, RECONS, ContrastVAE, EncoderConfig, recon_scale

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _agreement_inputs(layout: str, dtype: torch.dtype, seed: int = 0) -> dict:
-    from .benchmark import Case, make_inputs
+    from ..benchmark.harness import Case, make_inputs
 
     case = Case("infonce", layout, rows=48, n=40, dim=16, items=300)
     x = make_inputs(case, seed=seed)
@@ -32,7 +32,7 @@ def _agreement_inputs(layout: str, dtype: torch.dtype, seed: int = 0) -> dict:
 
 
 def _loss_and_grads(name: str, layout: str, backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
-    from . import functional as F
+    from .. import functional as F
 
     x = _agreement_inputs(layout, dtype)
     if layout == "catalogue":
@@ -63,7 +63,7 @@ def agreement_table(backends: list[str]) -> str:
 
 
 def cost_table(quick: bool) -> str:
-    from .benchmark import Case, measure_isolated
+    from ..benchmark.harness import Case, measure_isolated
 
     scale = 4 if quick else 2
     cases = [
@@ -88,7 +88,7 @@ def cost_table(quick: bool) -> str:
 def run_demo(quick: bool = False) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels on CPU tensors, for correctness only
-    from .functional import triton_available
+    from ..functional import triton_available
 
     start = time.perf_counter()
     backends = ["torch"] + (["triton"] if triton_available() else [])

@@ -6,9 +6,9 @@ import argparse
 import importlib
 
 MODELS = {
-    "mf": "fastrecloss.mf_train",
-    "contrastvae": "fastrecloss.cvae_train",
-    "sasrec": "fastrecloss.cvae_train",
+    "mf": "fastrecloss.recsys.mf_train",
+    "contrastvae": "fastrecloss.recsys.cvae_train",
+    "sasrec": "fastrecloss.recsys.cvae_train",
 }
 
 

@@ -1,8 +1,8 @@
 """Plans the kernel launches for one problem: outputs, grids and every kernel argument by name.
 
 :func:`plan` is pure bookkeeping (allocations and argument lists, no kernel runs, no host
-synchronisation), so the same code feeds the runtime launcher (``fastrecloss.triton_backend``)
-and the ahead-of-time compiler (``kernels/aot.py``, which plans on meta tensors). It allocates
+synchronisation), so the same code feeds the runtime launcher (``fastrecloss.backends.triton``)
+and the ahead-of-time compiler (``fastrecloss/backends/triton_aot.py``, which plans on meta tensors). It allocates
 only the outputs ([R] losses, [R, d] query/positive gradients, the item gradient in the shape of
 ``neg``), three fp32 [R] row statistics when an item pass needs them, and, in deterministic
 indexed mode, the int64 sort of the item references (``kernels/indexed.py``).
@@ -19,13 +19,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrecloss._problem import Problem
-from fastrecloss._spec import Kind, LossSpec, acc_dtype
-
-from .config import TileConfig, gathered_config, segment_config, shared_config
-from .indexed import item_segment_kernel
-from .per_row import rows_kernel
-from .shared import shared_items_kernel, shared_rows_kernel
+from .._problem import Problem
+from .._spec import Kind, LossSpec, acc_dtype
+from ..kernels.config import TileConfig, gathered_config, segment_config, shared_config
+from ..kernels.indexed import item_segment_kernel
+from ..kernels.per_row import rows_kernel
+from ..kernels.shared import shared_items_kernel, shared_rows_kernel
 
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

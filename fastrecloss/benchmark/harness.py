@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import functional as F
+from .. import functional as F
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,7 +221,7 @@ def measure_isolated(case: Case, impl: str, *, timeout: float = 1800, **kw) -> d
     # the resident set tracks live memory (glibc would otherwise keep freed heap pages).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "fastrecloss.benchmark", payload], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "fastrecloss.benchmark.harness", payload], capture_output=True,
                           text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

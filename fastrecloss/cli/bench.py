@@ -1,0 +1,54 @@
+"""``fastrecloss bench``: the command line of the benchmark suites in :mod:`fastrecloss.benchmark.suites`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..benchmark.suites import GROUPS, SUITES, plot_scaling
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=[*SUITES, *GROUPS], default="acceptance")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="4x smaller sizes (full), N up to 10^5 (scaling)")
+    parser.add_argument("--naive-budget-gib", type=float, default=12.0,
+                        help="skip naive peers whose score/gather tensors would exceed this")
+    parser.add_argument("--limit-gib", type=float, default=8.0, help="memory limit of the limits suite")
+    parser.add_argument("--limit-check-s", type=float, default=120.0,
+                        help="limits suite: verify the predicted size by a run when it takes less than this")
+
+
+def run(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    suites = GROUPS.get(args.suite, [args.suite])
+    start = time.perf_counter()
+    report = [f"# fastrecloss benchmark ({', '.join(suites)})", "",
+              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}, device {args.device}. Command: `fastrecloss bench --suite {args.suite}"
+              f"{' --quick' if args.quick else ''} --repeats {args.repeats}`. Median of {args.repeats} calls after "
+              "a warm-up; peak extra memory above the inputs, each case in a fresh process.", ""]
+    results: list[dict] = []
+    for name in suites:
+        print(f"== {name}", flush=True)
+        res, lines = SUITES[name](args)
+        results += res
+        report += [f"## {name}", "", *lines, ""]
+    if any(r.get("sweep") for r in results):
+        plot_scaling(results, args.out)
+    keys = sorted({k for r in results for k in r})
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(results)
+    report.append(f"Total benchmark time: {time.perf_counter() - start:.0f} s.")
+    (args.out / "report.md").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    return 0
