@@ -1,0 +1,418 @@
+"""fastrecloss.distributed against one process, on real gloo process groups (2 and 3 ranks).
+
+Each world size is one launch: ``world`` processes run this file as a script (``--worker``),
+join a gloo group on 127.0.0.1 (collectives time out after ``COLLECTIVE_TIMEOUT`` s, so a bug
+fails instead of hanging) and run every case of ``CASES``; each rank writes what it saw to a JSON
+file that the tests below read. A loss case passes on a rank when its loss and every gradient it
+holds match the single-process reference on the concatenated inputs (SPEC §8: the float64
+oracle, with the float32 reference's own error plus 1e-5 relative as the allowance); an error
+case passes when every rank raised the expected error (and none hung).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import assert_close_to_oracle  # noqa: E402
+
+import fastrecloss.distributed as D  # noqa: E402
+from fastrecloss import functional as F  # noqa: E402
+
+COLLECTIVE_TIMEOUT = 60
+LAUNCH_TIMEOUT = 300
+WORLDS = (2, 3)
+# catalogue rows per rank: uneven, and with 3 ranks one rank holds none
+SHARDS = {2: [3, 8], 3: [4, 0, 7]}
+# rows per rank for the gathered modes: uneven, and with 3 ranks one rank has none
+ROWS = {2: [4, 2], 3: [3, 0, 4]}
+R, DIM, ITEMS = 6, 5, 11
+DTYPE = torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# sharded catalogue / pool
+
+
+@dataclass(frozen=True)
+class ShardCase:
+    fn: str
+    hp: dict[str, Any] = field(default_factory=dict)
+    pos: str = "vec"  # vec: pos [R, d]; idx: a table row (target / pos_idx); none: sampled_logsumexp
+    log_q: bool = False
+    pos_log_q: bool = False
+    mask: str | None = None  # col [N] | row [R, N] (row 0 fully masked: a row without negatives)
+    hits: bool = False
+    weight: bool = False
+    ignore: bool = False  # one target = ignore_index
+    reduction: str = "mean"
+    tau: float = 1.0
+    backend: str = "torch"
+    rows: int = R
+
+
+SHARD_CASES = {
+    "softmax_ce": ShardCase("softmax_ce", pos="idx"),
+    "softmax_ce_logq_weight_ignore": ShardCase("softmax_ce", pos="idx", log_q=True, weight=True, ignore=True, tau=0.5),
+    "softmax_ce_pos_log_q_row_mask_none": ShardCase("softmax_ce", pos="idx", log_q=True, pos_log_q=True, mask="row",
+                                                    reduction="none"),
+    "softmax_ce_triton": ShardCase("softmax_ce", pos="idx", log_q=True, mask="col", backend="triton"),
+    "softmax_ce_no_rows": ShardCase("softmax_ce", pos="idx", rows=0),
+    "infonce_logq_hits_col_mask": ShardCase("infonce", log_q=True, hits=True, mask="col"),
+    "infonce_plus_row_mask_sum": ShardCase("infonce_plus", {"eps": 0.4, "lam": 1.1}, mask="row", weight=True,
+                                           reduction="sum", tau=0.7),
+    "dcl_pos_idx_hits": ShardCase("dcl", pos="idx", hits=True, log_q=True, ignore=True),
+    "mine_hits_row_mask": ShardCase("mine", hits=True, mask="row", pos_log_q=True),
+    "mine_plus_logq_none": ShardCase("mine_plus", {"lam": 1.2}, log_q=True, hits=True, reduction="none"),
+    "sampled_logsumexp": ShardCase("sampled_logsumexp", pos="none", log_q=True, mask="row"),
+}
+
+
+def global_inputs(case: ShardCase) -> dict[str, Tensor]:
+    """The whole problem in float64 (the same on every rank: one seed)."""
+    g = torch.Generator().manual_seed(7)
+    rows = case.rows
+    x = {"query": torch.randn(rows, DIM, generator=g, dtype=torch.float64),
+         "pos": torch.randn(rows, DIM, generator=g, dtype=torch.float64),
+         "table": torch.randn(ITEMS, DIM, generator=g, dtype=torch.float64),
+         "target": torch.randint(0, ITEMS, (rows,), generator=g),
+         "log_q": 0.5 * torch.randn(ITEMS, generator=g, dtype=torch.float64),
+         "pos_log_q": 0.5 * torch.randn(rows, generator=g, dtype=torch.float64),
+         "weight": torch.rand(rows, generator=g, dtype=torch.float64) + 0.1,
+         "ids": torch.randint(0, 4, (ITEMS,), generator=g),
+         "pos_ids": torch.randint(0, 4, (rows,), generator=g),
+         "col_mask": torch.rand(ITEMS, generator=g) < 0.25,
+         "row_mask": torch.rand(rows, ITEMS, generator=g) < 0.3,
+         "upstream": torch.randn(rows, generator=g, dtype=torch.float64)}
+    if rows:
+        x["target"][3] = x["target"][1]  # a repeated target
+        x["row_mask"][0] = True  # a row without any negative
+    if case.ignore and rows:
+        x["target"][2] = -100
+    return x
+
+
+def call_kwargs(case: ShardCase, x: dict[str, Tensor], items: slice) -> dict[str, Any]:
+    """The keywords of the call: per-item ones sliced to ``items``, per-row ones whole."""
+    kw: dict[str, Any] = {"temperature": case.tau, "reduction": case.reduction, "backend": case.backend, **case.hp}
+    if case.log_q:
+        kw["log_q"] = x["log_q"][items]
+    if case.pos_log_q:
+        kw["pos_log_q"] = x["pos_log_q"]
+    if case.weight:
+        kw["weight"] = x["weight"]
+    if case.mask:
+        kw["neg_mask"] = x["col_mask"][items] if case.mask == "col" else x["row_mask"][:, items]
+    if case.hits:
+        kw["remove_accidental_hits"] = True
+        if case.pos == "idx":
+            kw["neg_ids"] = torch.arange(ITEMS)[items]  # the table's own ids: removes the positive's row
+        else:
+            kw["pos_ids"], kw["neg_ids"] = x["pos_ids"], x["ids"][items]
+    return kw
+
+
+def single_process(case: ShardCase, x: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The reference backend in one process on the whole problem, in ``dtype`` (inputs rounded to
+    the tested dtype first, as tests/helpers.py does for the oracle)."""
+    leaves = {k: x[k].to(DTYPE).to(dtype).requires_grad_() for k in ("query", "pos", "table")}
+    kw = call_kwargs(case, {k: v.to(DTYPE).to(dtype) if v.is_floating_point() else v for k, v in x.items()},
+                     slice(None))
+    kw["backend"] = "reference"
+    valid = x["target"] != -100
+    target = torch.where(valid, x["target"], 0)
+    if case.pos == "idx":  # the sharded call's conventions, spelled out for functional
+        if case.log_q and not case.pos_log_q:
+            kw["pos_log_q"] = kw["log_q"][target]
+        kw["weight"] = kw.get("weight", torch.ones(case.rows, dtype=dtype)) * valid.to(dtype)
+    if case.fn == "softmax_ce":
+        loss = F.softmax_ce(leaves["query"], leaves["table"], target, **kw)
+    elif case.pos == "none":
+        loss = F.sampled_logsumexp(leaves["query"], leaves["table"], **kw)
+    elif case.pos == "idx":
+        if case.hits:
+            kw["pos_ids"] = target
+        loss = getattr(F, case.fn)(leaves["query"], None, leaves["table"], pos_idx=target, **kw)
+    else:
+        loss = getattr(F, case.fn)(leaves["query"], leaves["pos"], leaves["table"], **kw)
+    return _with_grads(loss, leaves, x["upstream"].to(dtype))
+
+
+def _with_grads(loss: Tensor, leaves: dict[str, Tensor], upstream: Tensor) -> dict[str, Tensor]:
+    grad = upstream if loss.dim() else None
+    if loss.requires_grad:
+        loss.backward(grad)
+    out = {"loss": loss.detach()}
+    for k, v in leaves.items():
+        out[k] = v.grad if v.grad is not None else torch.zeros_like(v)
+    return out
+
+
+def run_shard_case(case: ShardCase, rank: int, world: int) -> None:
+    sizes = SHARDS[world]
+    start = sum(sizes[:rank])
+    items = slice(start, start + sizes[rank])
+    x = global_inputs(case)
+    leaves = {"query": x["query"].to(DTYPE).requires_grad_(), "pos": x["pos"].to(DTYPE).requires_grad_(),
+              "table": x["table"][items].to(DTYPE).requires_grad_()}
+    kw = call_kwargs(case, {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in x.items()}, items)
+    fn = getattr(D, case.fn)
+    shard = (start, start + sizes[rank])
+    if case.fn == "softmax_ce":
+        loss = fn(leaves["query"], leaves["table"], x["target"], shard=shard, **kw)
+    elif case.pos == "none":
+        loss = fn(leaves["query"], leaves["table"], shard=shard, **kw)
+    elif case.pos == "idx":
+        loss = fn(leaves["query"], None, leaves["table"], pos_idx=x["target"], shard=shard, **kw)
+    else:
+        loss = fn(leaves["query"], leaves["pos"], leaves["table"], shard=shard, **kw)
+    got = _with_grads(loss, leaves, x["upstream"].to(DTYPE))
+    oracle = single_process(case, x, torch.float64)
+    ref = single_process(case, x, DTYPE)
+    for k in ("loss", "query", "pos", "table"):
+        want_o, want_r = (oracle[k], ref[k]) if k != "table" else (oracle[k][items], ref[k][items])
+        assert_close_to_oracle(got[k], want_r, want_o, DTYPE, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-rank negatives
+
+
+def gathered_inputs(world: int) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(11)
+    n = sum(ROWS[world])
+    pool = 7
+    return {"query": torch.randn(n, DIM, generator=g, dtype=torch.float64),
+            "pos": torch.randn(n, DIM, generator=g, dtype=torch.float64),
+            "ids": torch.randint(0, 5, (n,), generator=g),  # duplicates: accidental hits across ranks
+            "log_q": 0.5 * torch.randn(n, generator=g, dtype=torch.float64),
+            "pool": torch.randn(world * pool, DIM, generator=g, dtype=torch.float64),
+            "pool_ids": torch.randint(0, 5, (world * pool,), generator=g),
+            "pool_log_q": 0.5 * torch.randn(world * pool, generator=g, dtype=torch.float64)}
+
+
+def _pool_slice(world: int, rank: int) -> slice:
+    sizes = [2 + 3 * k for k in range(world)]  # uneven pool parts that sum to 7·world for world ≤ 3
+    sizes[-1] = 7 * world - sum(sizes[:-1])
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def run_gather_case(mode: str, rank: int, world: int) -> None:
+    x = gathered_inputs(world)
+    start = sum(ROWS[world][:rank])
+    rows = slice(start, start + ROWS[world][rank])
+    n_global = x["query"].shape[0]
+    local = {k: x[k][rows].to(DTYPE) if x[k].is_floating_point() else x[k][rows] for k in ("query", "pos", "ids",
+                                                                                            "log_q")}
+    q, p = local["query"].requires_grad_(), local["pos"].requires_grad_()
+    leaves = {"query": q, "pos": p}
+    if mode == "in_batch":
+        pos_all, ids_all, lq_all = D.gather_negatives(p, ids=local["ids"], log_q=local["log_q"])
+        assert torch.equal(ids_all, x["ids"]) and torch.equal(lq_all, x["log_q"].to(DTYPE))
+        loss = F.infonce(q, p, pos_all, remove_accidental_hits=True, pos_ids=local["ids"], neg_ids=ids_all,
+                         log_q=lq_all, pos_log_q=local["log_q"], reduction="sum", backend="torch") / n_global
+    else:
+        part = _pool_slice(world, rank)
+        pool = x["pool"][part].to(DTYPE).requires_grad_()
+        leaves["pool"] = pool
+        pool_all, ids_all, lq_all = D.gather_negatives(pool, ids=x["pool_ids"][part],
+                                                       log_q=x["pool_log_q"][part].to(DTYPE))
+        loss = F.mine_plus(q, p, pool_all, lam=1.2, remove_accidental_hits=True, pos_ids=local["ids"],
+                           neg_ids=ids_all, log_q=lq_all, reduction="sum", backend="torch") / n_global
+    loss.backward()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+
+    def single(dtype: torch.dtype) -> dict[str, Tensor]:
+        lv = {k: x[k].to(DTYPE).to(dtype).requires_grad_() for k in ("query", "pos", "pool")}
+        lq = x["log_q"].to(DTYPE).to(dtype)
+        if mode == "in_batch":
+            out = F.infonce(lv["query"], lv["pos"], None, in_batch=True, pos_ids=x["ids"], log_q=lq, pos_log_q=lq,
+                            backend="reference")
+        else:
+            out = F.mine_plus(lv["query"], lv["pos"], lv["pool"], lam=1.2, remove_accidental_hits=True,
+                              pos_ids=x["ids"], neg_ids=x["pool_ids"], log_q=x["pool_log_q"].to(DTYPE).to(dtype),
+                              backend="reference")
+        return _with_grads(out, lv, torch.ones(()))
+
+    oracle, ref = single(torch.float64), single(DTYPE)
+    assert_close_to_oracle(total, ref["loss"], oracle["loss"], DTYPE, "loss (summed over ranks)")
+    for k, v in leaves.items():
+        part = rows if k != "pool" else _pool_slice(world, rank)
+        grad = v.grad if v.grad is not None or v.numel() else torch.zeros_like(v)  # a rank without rows
+        assert_close_to_oracle(grad, ref[k][part], oracle[k][part], DTYPE, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad configurations: every rank must raise (and the group must stay usable afterwards)
+
+
+def _bad_shards(spans: dict[int, tuple[int, int]]) -> Callable[[int, int], None]:
+    def run(rank: int, world: int) -> None:
+        a, b = spans[rank] if rank in spans else (spans[max(spans)][1], spans[max(spans)][1] + 2)
+        q = torch.randn(3, DIM)
+        D.softmax_ce(q, torch.randn(b - a, DIM), torch.tensor([0, 1, 2]), shard=(a, b))
+    return run
+
+
+def _bad_dim(rank: int, world: int) -> None:
+    d = DIM + (rank == world - 1)
+    D.softmax_ce(torch.randn(3, d), torch.randn(4, d), torch.tensor([0, 1, 2]))
+
+
+def _bad_target(rank: int, world: int) -> None:
+    D.softmax_ce(torch.randn(3, DIM), torch.randn(4, DIM), torch.tensor([0, 4 * world, 2]), shard=(4 * rank,
+                 4 * rank + 4))
+
+
+def _bad_local_arg(rank: int, world: int) -> None:
+    n = 4 + (rank == world - 1)  # the last rank's log_q has the wrong length
+    D.softmax_ce(torch.randn(3, DIM), torch.randn(4, DIM), torch.tensor([0, 1, 2]), log_q=torch.zeros(n))
+
+
+def _bad_rows(rank: int, world: int) -> None:
+    r = 3 + (rank == 0)
+    D.infonce(torch.randn(r, DIM), torch.randn(r, DIM), torch.randn(4, DIM))
+
+
+def _bad_gather_dim(rank: int, world: int) -> None:
+    D.gather_negatives(torch.randn(3, DIM + (rank == 1), requires_grad=True))
+
+
+# name -> (call, expected exception type, text every rank's message must contain)
+ERROR_CASES: dict[str, tuple[Callable[[int, int], None], type, str]] = {
+    "overlapping_shards": (_bad_shards({0: (0, 6), 1: (4, 11)}), ValueError, "shards overlap"),
+    "shards_with_a_gap": (_bad_shards({0: (0, 3), 1: (5, 11)}), ValueError, "do not cover the catalogue: rows [3, 5)"),
+    "d_differs": (_bad_dim, ValueError, "d (query.shape[1]) must be the same on every rank"),
+    "target_outside_every_shard": (_bad_target, ValueError, "target has values in [0, "),
+    "bad_argument_on_one_rank": (_bad_local_arg, ValueError, "log_q must have shape"),
+    "rows_differ": (_bad_rows, ValueError, "the number of rows R"),
+    "gather_d_differs": (_bad_gather_dim, ValueError, "the negatives' dimension d"),
+}
+
+
+def _after_errors(rank: int, world: int) -> None:
+    run_shard_case(SHARD_CASES["softmax_ce"], rank, world)
+
+
+CASES: dict[str, Callable[[int, int], None]] = {
+    **{f"shard:{k}": functools.partial(run_shard_case, c) for k, c in SHARD_CASES.items()},
+    "gather:in_batch": lambda r, w: run_gather_case("in_batch", r, w),
+    "gather:pool": lambda r, w: run_gather_case("pool", r, w),
+}
+
+
+def worker(rank: int, world: int, port: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
+    results: dict[str, Any] = {}
+    for name, fn in CASES.items():
+        t0 = time.perf_counter()
+        try:
+            fn(rank, world)
+            results[name] = {"ok": True, "seconds": time.perf_counter() - t0}
+        except Exception:  # noqa: BLE001 - reported to the test
+            results[name] = {"ok": False, "error": traceback.format_exc(limit=6)}
+    for name, (fn, _, _) in ERROR_CASES.items():
+        try:
+            fn(rank, world)
+            results[f"error:{name}"] = {"raised": None}
+        except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
+            results[f"error:{name}"] = {"raised": type(e).__name__, "message": str(e)}
+    try:
+        _after_errors(rank, world)
+        results["after_errors"] = {"ok": True}
+    except Exception:  # noqa: BLE001
+        results["after_errors"] = {"ok": False, "error": traceback.format_exc(limit=6)}
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# the launcher and the tests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script_args: list[str], world: int, out: Path, timeout: float = LAUNCH_TIMEOUT) -> list[dict[str, Any]]:
+    """Start ``world`` ranks of this file's worker; return each rank's results (fail on a hang)."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", *script_args, str(rank), str(world), str(port),
+                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the {world}-rank launch did not finish in {timeout} s (a hang?)")
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log[-3000:]}"
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}ranks")
+def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    world = request.param
+    return launch(["losses"], world, tmp_path_factory.mktemp(f"dist{world}"))
+
+
+@pytest.mark.parametrize("case", [*CASES, "after_errors"])
+def test_matches_one_process(ranks: list[dict[str, Any]], case: str) -> None:
+    for rank, results in enumerate(ranks):
+        assert results[case]["ok"], f"rank {rank}/{len(ranks)}:\n{results[case].get('error')}"
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_configuration_fails_on_every_rank(ranks: list[dict[str, Any]], case: str) -> None:
+    _, kind, text = ERROR_CASES[case]
+    for rank, results in enumerate(ranks):
+        got = results[f"error:{case}"]
+        assert got["raised"] == kind.__name__, f"rank {rank}/{len(ranks)}: raised {got}"
+        assert text in got["message"], f"rank {rank}/{len(ranks)}: {got['message']!r}"
+
+
+def test_one_process_without_a_group_is_the_functional_loss() -> None:
+    """No process group: the sharded call is functional's (one shard = the whole catalogue)."""
+    x = global_inputs(SHARD_CASES["softmax_ce_logq_weight_ignore"])
+    case = SHARD_CASES["softmax_ce_logq_weight_ignore"]
+    kw = call_kwargs(case, x, slice(None))
+    q = x["query"].clone().requires_grad_()
+    got = D.softmax_ce(q, x["table"], x["target"], **kw)
+    want = single_process(case, x, torch.float64)
+    got.backward()
+    torch.testing.assert_close(got.detach(), want["loss"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q.grad, want["query"], rtol=1e-12, atol=1e-12)
+    neg, ids, lq = D.gather_negatives(x["table"], ids=x["ids"])
+    assert neg is x["table"] and ids is x["ids"] and lq is None
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    job, rank_, world_, port_, out_ = sys.argv[2:7]
+    if job == "losses":
+        worker(int(rank_), int(world_), int(port_), Path(out_))
