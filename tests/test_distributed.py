@@ -319,6 +319,40 @@ CASES: dict[str, Callable[[int, int], None]] = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# the MF trainer: the same metrics as one process on the same global batch and seed
+
+MF_CASES: dict[str, dict[str, Any]] = {
+    "gather_in_batch": {"loss": "infonce", "sampler": "in-batch", "dist": "gather"},
+    "gather_shared_logq_exclude": {"loss": "mine_plus", "layout": "shared", "negatives": 40, "logq": True,
+                                   "exclude_positives": True, "dist": "gather"},
+    "gather_full": {"loss": "bpr", "layout": "full", "dist": "gather"},
+    "shard_softmax_ce_exclude": {"loss": "softmax_ce", "exclude_positives": True, "dist": "shard"},
+    "shard_dcl": {"loss": "dcl", "layout": "full", "temperature": 0.5, "dist": "shard"},
+}
+
+
+def mf_run(name: str) -> dict[str, Any]:
+    from fastrecloss.recsys.data import ratio_split, synthetic
+    from fastrecloss.recsys.mf_train import MFConfig, train_mf
+
+    split = ratio_split(synthetic(num_users=120, num_items=90, dim=8, per_user=10, seed=3), (0.8, 0.1, 0.1), seed=3)
+    cfg = MFConfig(epochs=2, batch_size=250, dim=8, lr=0.05, patience=10, progress=False, seed=3, **MF_CASES[name])
+    res = train_mf(cfg, split=split)
+    return {"test": res["test"], "valid": res["valid"], "loss": [h["loss"] for h in res["history"]],
+            "world_size": res["world_size"]}
+
+
+def assert_same_training(got: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    """Metrics equal to 1e-9 (a flipped rank would move them by ≥ 1/users); losses to 1e-5 relative
+    (the sums run in another order)."""
+    for split in ("valid", "test"):
+        for k, v in want[split].items():
+            assert abs(got[split][k] - v) <= 1e-9, f"{where}: {split} {k} {got[split][k]} != one process {v}"
+    for a, b in zip(got["loss"], want["loss"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), f"{where}: epoch losses {got['loss']} != one process {want['loss']}"
+
+
 def worker(rank: int, world: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -337,6 +371,11 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
             results[f"error:{name}"] = {"raised": None}
         except Exception as e:  # noqa: BLE001 - the type and message are what the test checks
             results[f"error:{name}"] = {"raised": type(e).__name__, "message": str(e)}
+    for name in MF_CASES:
+        try:
+            results[f"mf:{name}"] = {"ok": True, "result": mf_run(name)}
+        except Exception:  # noqa: BLE001
+            results[f"mf:{name}"] = {"ok": False, "error": traceback.format_exc(limit=6)}
     try:
         _after_errors(rank, world)
         results["after_errors"] = {"ok": True}
@@ -397,10 +436,47 @@ def test_bad_configuration_fails_on_every_rank(ranks: list[dict[str, Any]], case
         assert text in got["message"], f"rank {rank}/{len(ranks)}: {got['message']!r}"
 
 
+@pytest.mark.parametrize("case", list(MF_CASES))
+def test_mf_trainer_matches_one_process(ranks: list[dict[str, Any]], case: str) -> None:
+    want = mf_run(case)
+    assert want["world_size"] == 1
+    for rank, results in enumerate(ranks):
+        got = results[f"mf:{case}"]
+        assert got["ok"], f"rank {rank}/{len(ranks)}:\n{got.get('error')}"
+        assert got["result"]["world_size"] == len(ranks)
+        assert_same_training(got["result"], want, f"rank {rank}/{len(ranks)}")
+
+
+def test_torchrun_train_mf_matches_one_process(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m fastrecloss train mf`` (the CLI, torchrun's env:// set-up) on a
+    small .inter file: the same metrics as the one-process run of the same command."""
+    from fastrecloss.recsys.data import synthetic
+    from fastrecloss.recsys.mf_train import MFConfig, train_mf
+
+    inter = synthetic(num_users=100, num_items=70, dim=8, per_user=8, seed=5)
+    data = tmp_path / "tiny.inter"
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    lines += [f"u{u}\ti{i}\t5\t{t}" for t, (u, i) in enumerate(zip(inter.users, inter.items))]
+    data.write_text("\n".join(lines) + "\n")
+    args = ["train", "mf", "--data", str(data), "--loss", "softmax_ce", "--epochs", "2", "--batch-size", "200",
+            "--dim", "8", "--lr", "0.05", "--no-progress", "--dist", "shard", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastrecloss", *args], env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "test: recall@20" in proc.stdout  # rank 0 reports
+    got = json.loads((tmp_path / "run" / "results.json").read_text())
+    cfg = MFConfig(data=str(data), loss="softmax_ce", epochs=2, batch_size=200, dim=8, lr=0.05, progress=False)
+    want = train_mf(cfg)
+    assert got["world_size"] == 2 and want["world_size"] == 1
+    assert_same_training({**got, "loss": [h["loss"] for h in got["history"]]},
+                         {**want, "loss": [h["loss"] for h in want["history"]]}, "torchrun")
+
+
 def test_one_process_without_a_group_is_the_functional_loss() -> None:
     """No process group: the sharded call is functional's (one shard = the whole catalogue)."""
-    x = global_inputs(SHARD_CASES["softmax_ce_logq_weight_ignore"])
     case = SHARD_CASES["softmax_ce_logq_weight_ignore"]
+    x = {k: v.to(DTYPE).double() if v.is_floating_point() else v for k, v in global_inputs(case).items()}
     kw = call_kwargs(case, x, slice(None))
     q = x["query"].clone().requires_grad_()
     got = D.softmax_ce(q, x["table"], x["target"], **kw)
