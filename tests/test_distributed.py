@@ -65,6 +65,7 @@ class ShardCase:
     tau: float = 1.0
     backend: str = "torch"
     rows: int = R
+    dtype: torch.dtype = DTYPE
 
 
 SHARD_CASES = {
@@ -74,6 +75,7 @@ SHARD_CASES = {
                                                     reduction="none"),
     "softmax_ce_triton": ShardCase("softmax_ce", pos="idx", log_q=True, mask="col", backend="triton"),
     "softmax_ce_no_rows": ShardCase("softmax_ce", pos="idx", rows=0),
+    "softmax_ce_bf16": ShardCase("softmax_ce", pos="idx", log_q=True, weight=True, dtype=torch.bfloat16),
     "infonce_logq_hits_col_mask": ShardCase("infonce", log_q=True, hits=True, mask="col"),
     "infonce_plus_row_mask_sum": ShardCase("infonce_plus", {"eps": 0.4, "lam": 1.1}, mask="row", weight=True,
                                            reduction="sum", tau=0.7),
@@ -131,8 +133,8 @@ def call_kwargs(case: ShardCase, x: dict[str, Tensor], items: slice) -> dict[str
 def single_process(case: ShardCase, x: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     """The reference backend in one process on the whole problem, in ``dtype`` (inputs rounded to
     the tested dtype first, as tests/helpers.py does for the oracle)."""
-    leaves = {k: x[k].to(DTYPE).to(dtype).requires_grad_() for k in ("query", "pos", "table")}
-    kw = call_kwargs(case, {k: v.to(DTYPE).to(dtype) if v.is_floating_point() else v for k, v in x.items()},
+    leaves = {k: x[k].to(case.dtype).to(dtype).requires_grad_() for k in ("query", "pos", "table")}
+    kw = call_kwargs(case, {k: v.to(case.dtype).to(dtype) if v.is_floating_point() else v for k, v in x.items()},
                      slice(None))
     kw["backend"] = "reference"
     valid = x["target"] != -100
@@ -169,9 +171,9 @@ def run_shard_case(case: ShardCase, rank: int, world: int) -> None:
     start = sum(sizes[:rank])
     items = slice(start, start + sizes[rank])
     x = global_inputs(case)
-    leaves = {"query": x["query"].to(DTYPE).requires_grad_(), "pos": x["pos"].to(DTYPE).requires_grad_(),
-              "table": x["table"][items].to(DTYPE).requires_grad_()}
-    kw = call_kwargs(case, {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in x.items()}, items)
+    leaves = {"query": x["query"].to(case.dtype).requires_grad_(), "pos": x["pos"].to(case.dtype).requires_grad_(),
+              "table": x["table"][items].to(case.dtype).requires_grad_()}
+    kw = call_kwargs(case, {k: v.to(case.dtype) if v.is_floating_point() else v for k, v in x.items()}, items)
     fn = getattr(D, case.fn)
     shard = (start, start + sizes[rank])
     if case.fn == "softmax_ce":
@@ -182,12 +184,12 @@ def run_shard_case(case: ShardCase, rank: int, world: int) -> None:
         loss = fn(leaves["query"], None, leaves["table"], pos_idx=x["target"], shard=shard, **kw)
     else:
         loss = fn(leaves["query"], leaves["pos"], leaves["table"], shard=shard, **kw)
-    got = _with_grads(loss, leaves, x["upstream"].to(DTYPE))
+    got = _with_grads(loss, leaves, x["upstream"].to(case.dtype))
     oracle = single_process(case, x, torch.float64)
-    ref = single_process(case, x, DTYPE)
+    ref = single_process(case, x, case.dtype)
     for k in ("loss", "query", "pos", "table"):
         want_o, want_r = (oracle[k], ref[k]) if k != "table" else (oracle[k][items], ref[k][items])
-        assert_close_to_oracle(got[k], want_r, want_o, DTYPE, k)
+        assert_close_to_oracle(got[k], want_r, want_o, case.dtype, k)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor |
     def local() -> list[int]:
         if unsupported:
             names = ", ".join(sorted(k.lstrip("_") for k in unsupported))
-            raise ValueError(f"the sharded losses take the shared layout only; {names} is not accepted (per-row and "
-                             "indexed negatives need no sharding)")
+            raise ValueError(f"{names}: not supported by the sharded losses (shared layout only: neg is this "
+                             "rank's rows of the table or pool; no neg_idx, in_batch, per-row negatives)")
         contrastive(eps, lam, mu)  # validates the hyper-parameters
         check_choice("reduction", reduction, REDUCTIONS)
         _check_float("query", query, 2, "[R, d]")
@@ -119,7 +119,7 @@ def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor |
             raise ValueError(f"neg must be [N_k, d = {d}] with the query's dtype {query.dtype} on {query.device}, "
                              f"got {tuple(neg.shape)} {neg.dtype} on {neg.device}")
         row: dict[str, int] = {"R": R, "d": d, "N": N, "dtype": dtype_code(query.dtype), "log_q": log_q is not None,
-                               "mask": 0 if neg_mask is None else neg_mask.dim(), "pos": pos is not None,
+                               "pos": pos is not None,
                                "pos_idx": pos_idx is not None, "hits": bool(remove_accidental_hits),
                                "pos_log_q": pos_log_q is not None, "weight": weight is not None}
         if shard is not None:
@@ -154,6 +154,7 @@ def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor |
         state["lse"] = F.sampled_logsumexp(q, neg, temperature=temperature, log_q=log_q, pos_ids=hit_pos,
                                            neg_ids=neg_ids, remove_accidental_hits=remove_accidental_hits,
                                            neg_mask=neg_mask, backend=backend, deterministic=deterministic)
+        row["mask"] = 0 if neg_mask is None else neg_mask.dim()  # a tensor of [N] or [R, N] by now
         state["n"] = unmasked_counts(R, N, neg_mask, hit_pos if remove_accidental_hits else None, neg_ids,
                                      query.device)
         state["q"] = q
