@@ -12,6 +12,7 @@ case passes when every rank raised the expected error (and none hung).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import socket
@@ -75,6 +76,10 @@ SHARD_CASES = {
                                                     reduction="none"),
     "softmax_ce_triton": ShardCase("softmax_ce", pos="idx", log_q=True, mask="col", backend="triton"),
     "softmax_ce_no_rows": ShardCase("softmax_ce", pos="idx", rows=0),
+    "softmax_ce_smoothing_zloss_logq_row_mask": ShardCase("softmax_ce", {"label_smoothing": 0.1, "z_loss": 0.01},
+                                                          pos="idx", log_q=True, mask="row", ignore=True),
+    "softmax_ce_smoothing_col_mask_none": ShardCase("softmax_ce", {"label_smoothing": 0.2}, pos="idx", mask="col",
+                                                    reduction="none"),
     "softmax_ce_bf16": ShardCase("softmax_ce", pos="idx", log_q=True, weight=True, dtype=torch.bfloat16),
     "infonce_logq_hits_col_mask": ShardCase("infonce", log_q=True, hits=True, mask="col"),
     "infonce_plus_row_mask_sum": ShardCase("infonce_plus", {"eps": 0.4, "lam": 1.1}, mask="row", weight=True,
@@ -423,8 +428,14 @@ def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return launch(["losses"], world, tmp_path_factory.mktemp(f"dist{world}"))
 
 
+FUNCTIONAL_SMOOTHING = "label_smoothing" in inspect.signature(F.softmax_ce).parameters
+
+
 @pytest.mark.parametrize("case", [*CASES, "after_errors"])
 def test_matches_one_process(ranks: list[dict[str, Any]], case: str) -> None:
+    shard_case = SHARD_CASES.get(case.removeprefix("shard:"))
+    if shard_case is not None and "label_smoothing" in shard_case.hp and not FUNCTIONAL_SMOOTHING:
+        pytest.skip("the one-process oracle needs functional.softmax_ce(label_smoothing=) (issue 11, not merged)")
     for rank, results in enumerate(ranks):
         assert results[case]["ok"], f"rank {rank}/{len(ranks)}:\n{results[case].get('error')}"
 

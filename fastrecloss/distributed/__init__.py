@@ -17,7 +17,7 @@ Without an initialised process group everything runs as one process. See docs/di
 """
 
 from .gather import gather_negatives
-from .sharded import dcl, infonce, infonce_plus, mine, mine_plus, sampled_logsumexp, softmax_ce
+from .losses import dcl, infonce, infonce_plus, mine, mine_plus, sampled_logsumexp, softmax_ce
 
 __all__ = ["gather_negatives", "softmax_ce", "sampled_logsumexp", "infonce", "infonce_plus", "dcl", "mine",
            "mine_plus"]

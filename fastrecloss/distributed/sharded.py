@@ -16,6 +16,7 @@ backward), ∂neg is the local shard's only.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,7 +93,36 @@ def _local_row(values: dict[str, int]) -> list[int]:
     return [int(values.get(name, 0)) for name in _ROW]
 
 
-def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor | None, neg: Tensor, *,
+@dataclass(frozen=True)
+class Knobs:
+    """The contrastive family's ε, λ, μ, plus softmax_ce's label smoothing α and z-loss z (SPEC §4)."""
+
+    eps: float
+    lam: float
+    mu: float
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+    def check(self) -> None:
+        contrastive(self.eps, self.lam, self.mu)  # validates ε, λ, μ
+        for name, hi in (("label_smoothing", 1.0), ("z_loss", math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
+                raise ValueError(f"{name} must be a number in [0, {hi}], got {value!r}")
+
+
+def score_sums(q: Tensor, neg: Tensor, log_q: Tensor | None, neg_mask: Tensor | None, temperature: float,
+               acc: torch.dtype) -> Tensor:
+    """Σ_j s_rj over this shard's unmasked items [R] (label smoothing's mean), without an R×N score matrix."""
+    keep = None if neg_mask is None else (~neg_mask).to(acc)
+    vecs = neg.to(acc).sum(dim=0) if keep is None else keep @ neg.to(acc)  # [d] or [R, d]
+    s = (q.to(acc) * vecs).sum(dim=-1) / temperature if vecs.dim() == 2 else q.to(acc) @ vecs / temperature
+    if log_q is not None:
+        s = s - (log_q.to(acc).sum() if keep is None else keep @ log_q.to(acc))
+    return s
+
+
+def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *,
                  need_pos: bool = True, target_name: str = "pos_idx", shard: tuple[int, int] | None = None,
                  group: Any = None, pos_idx: Tensor | None = None, temperature: float = 1.0,
                  log_q: Tensor | None = None, pos_log_q: Tensor | None = None, pos_ids: Tensor | None = None,
@@ -100,7 +130,7 @@ def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor |
                  weight: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
                  deterministic: bool = False, ignore_index: int = -100, check: bool = True,
                  **unsupported: Any) -> Tensor:
-    """The contrastive family (SPEC §2, knobs ε, λ, μ) over a pool sharded across ranks; see the module doc."""
+    """The contrastive family (SPEC §2, ``knobs``) over a pool sharded across ranks; see the module doc."""
     g = resolve_group(group)
     state: dict[str, Any] = {}
 
@@ -109,7 +139,7 @@ def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor |
             names = ", ".join(sorted(k.lstrip("_") for k in unsupported))
             raise ValueError(f"{names}: not supported by the sharded losses (shared layout only: neg is this "
                              "rank's rows of the table or pool; no neg_idx, in_batch, per-row negatives)")
-        contrastive(eps, lam, mu)  # validates the hyper-parameters
+        knobs.check()
         check_choice("reduction", reduction, REDUCTIONS)
         _check_float("query", query, 2, "[R, d]")
         _check_float("neg", neg, 2, "[N_k, d] (this rank's rows of the table)")
@@ -158,6 +188,8 @@ def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor |
         state["n"] = unmasked_counts(R, N, neg_mask, hit_pos if remove_accidental_hits else None, neg_ids,
                                      query.device)
         state["q"] = q
+        if knobs.label_smoothing:
+            state["ssum"] = score_sums(q, neg, log_q, neg_mask, temperature, acc_dtype(query.dtype))
         return _local_row(row)
 
     device = query.device if isinstance(query, Tensor) else torch.device("cpu")
@@ -180,32 +212,38 @@ def sharded_loss(eps: float, lam: float, mu: float, query: Tensor, pos: Tensor |
             raise ValueError("check=False needs shard=(start, stop): the offsets come from the check otherwise")
         local()
         start = shard[0] if shard is not None else 0
-    return _merge(g, state, eps, lam, mu, need_pos, query, pos, neg, pos_idx, start, temperature, log_q,
-                  pos_log_q, weight, reduction)
+    state["s_tab"] = _positive_on_shard(state, neg, pos_idx, start, temperature, log_q, pos_log_q)
+    return _merge(g, state, knobs, need_pos, query, pos, temperature, pos_log_q, weight, reduction)
 
 
-def _merge(g: Group, state: dict[str, Any], eps: float, lam: float, mu: float, need_pos: bool, query: Tensor,
-           pos: Tensor | None, neg: Tensor, pos_idx: Tensor | None, start: int, temperature: float,
-           log_q: Tensor | None, pos_log_q: Tensor | None, weight: Tensor | None, reduction: str) -> Tensor:
+def _positive_on_shard(state: dict[str, Any], neg: Tensor, pos_idx: Tensor | None, start: int, temperature: float,
+                       log_q: Tensor | None, pos_log_q: Tensor | None) -> Tensor:
+    """s_r+ where row r's positive is a row of this shard (with its logQ⁺), 0 elsewhere."""
+    q = state["q"]
+    acc = acc_dtype(q.dtype)
+    N = neg.shape[0]
+    if pos_idx is None or N == 0:
+        return torch.zeros(q.shape[0], dtype=acc, device=q.device)
+    local = pos_idx - start
+    own = (local >= 0) & (local < N) & state["valid"]
+    safe = torch.where(own, local, 0)
+    s = (q.to(acc) * neg[safe].to(acc)).sum(dim=1) / temperature
+    if pos_log_q is None and log_q is not None:  # logq⁺: the positive's own correction (SPEC §2)
+        s = s - log_q[safe].to(acc)
+    return torch.where(own, s, 0.0)
+
+
+def _merge(g: Group, state: dict[str, Any], knobs: Knobs, need_pos: bool, query: Tensor, pos: Tensor | None,
+           temperature: float, pos_log_q: Tensor | None, weight: Tensor | None, reduction: str) -> Tensor:
     acc = acc_dtype(query.dtype)
     q, n_k = state["q"], state["n"]
-    R, N = query.shape[0], neg.shape[0]
     # q[:, :0] keeps the backward's all-reduce of ∂query on every rank's graph even where the local
     # statistic does not depend on the query (an empty shard), so no rank skips that collective.
     lse_k = torch.where(n_k > 0, state["lse"].to(acc), -math.inf) + q[:, :0].sum(dim=1).to(acc)
-    s_tab = torch.zeros(R, dtype=acc, device=query.device)
-    if pos_idx is not None and N > 0:
-        local = pos_idx - start
-        own = (local >= 0) & (local < N) & state["valid"]
-        safe = torch.where(own, local, 0)
-        s = (q.to(acc) * neg[safe].to(acc)).sum(dim=1) / temperature
-        if pos_log_q is None and log_q is not None:  # logq⁺: the positive's own correction (SPEC §2)
-            s = s - log_q[safe].to(acc)
-        s_tab = torch.where(own, s, 0.0)
     shift = max_over_ranks(lse_k, g)
     shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    stats = torch.stack([torch.exp(lse_k - shift), s_tab, n_k.to(acc)]).to(torch.float64)
-    total, s_tab, n = sum_over_ranks(stats, g).unbind(0)
+    parts = [torch.exp(lse_k - shift), state["s_tab"], n_k.to(acc), *([state["ssum"]] if "ssum" in state else [])]
+    total, s_tab, n, *ssum = sum_over_ranks(torch.stack(parts).to(torch.float64), g).unbind(0)
     has_neg = n > 0
     lse = shift + torch.log(torch.where(total > 0, total, 1.0)).to(acc)
     if not need_pos:
@@ -214,73 +252,12 @@ def _merge(g: Group, state: dict[str, Any], eps: float, lam: float, mu: float, n
         s_pos = s_tab.to(acc) if pos is None else (query.to(acc) * pos.to(acc)).sum(dim=1) / temperature
         if pos_log_q is not None:
             s_pos = s_pos - pos_log_q.to(acc)
-        log_term = lse if eps == 0 else torch.logaddexp(lse, s_pos + math.log(eps))
-        loss = lam * (log_term - mu * torch.log(n.clamp(min=1)).to(acc)) - s_pos
-        rows = torch.where(has_neg, loss, 0.0)
-    if pos_idx is not None:  # an ignored target counts as weight 0 (SPEC §5)
+        log_term = lse if knobs.eps == 0 else torch.logaddexp(lse, s_pos + math.log(knobs.eps))
+        loss = knobs.lam * (log_term - knobs.mu * torch.log(n.clamp(min=1)).to(acc)) + knobs.z_loss * log_term ** 2
+        if ssum:  # α · (−mean of the unmasked candidates' scores), F.cross_entropy's label smoothing
+            loss = loss - knobs.label_smoothing * (ssum[0] / n.clamp(min=1)).to(acc)
+        rows = torch.where(has_neg, loss - (1 - knobs.label_smoothing) * s_pos, 0.0)
+    if "valid" in state:  # an ignored target counts as weight 0 (SPEC §5)
         valid = state["valid"].to(acc)
         weight = valid if weight is None else weight.to(acc) * valid
     return reduce_rows(rows, weight, reduction).to(query.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# the named losses (SPEC §4 names; ``neg`` / ``table_shard`` is this rank's rows)
-
-_SHARDED = "shard=(start, stop) (this rank's rows; default: rank order) and group= (default group)"
-
-
-def sampled_logsumexp(query: Tensor, neg: Tensor, *, shard: tuple[int, int] | None = None, group: Any = None,
-                      reduction: str = "none", **common: Any) -> Tensor:
-    """log Σ_j e^{s_rj} over the negatives of every rank [R] (0 for a row without any), with ``neg`` this
-    rank's [N_k, d]; ``shard``, ``group`` as in :func:`softmax_ce`."""
-    return sharded_loss(0.0, 1.0, 0.0, query, None, neg, need_pos=False, shard=shard, group=group,
-                        reduction=reduction, **common)
-
-
-def infonce(query: Tensor, pos: Tensor | None, neg: Tensor, *, shard: tuple[int, int] | None = None,
-            group: Any = None, **common: Any) -> Tensor:
-    """InfoNCE over a pool sharded across ranks (``neg`` = this rank's part; ``pos`` [R, d] replicated,
-    or ``pos_idx`` [R] global rows of the pool)."""
-    return sharded_loss(1.0, 1.0, 0.0, query, pos, neg, shard=shard, group=group, **common)
-
-
-def infonce_plus(query: Tensor, pos: Tensor | None, neg: Tensor, *, eps: float = 0.0, lam: float = 1.1,
-                 shard: tuple[int, int] | None = None, group: Any = None, **common: Any) -> Tensor:
-    """InfoNCE+ over a sharded pool (see :func:`infonce`)."""
-    return sharded_loss(eps, lam, 0.0, query, pos, neg, shard=shard, group=group, **common)
-
-
-def dcl(query: Tensor, pos: Tensor | None, neg: Tensor, *, shard: tuple[int, int] | None = None,
-        group: Any = None, **common: Any) -> Tensor:
-    """DCL over a sharded pool (see :func:`infonce`)."""
-    return sharded_loss(0.0, 1.0, 0.0, query, pos, neg, shard=shard, group=group, **common)
-
-
-def mine(query: Tensor, pos: Tensor | None, neg: Tensor, *, shard: tuple[int, int] | None = None,
-         group: Any = None, **common: Any) -> Tensor:
-    """MINE over a sharded pool (the mean's count is merged across ranks; see :func:`infonce`)."""
-    return sharded_loss(0.0, 1.0, 1.0, query, pos, neg, shard=shard, group=group, **common)
-
-
-def mine_plus(query: Tensor, pos: Tensor | None, neg: Tensor, *, lam: float = 1.1,
-              shard: tuple[int, int] | None = None, group: Any = None, **common: Any) -> Tensor:
-    """MINE+ over a sharded pool (see :func:`infonce`)."""
-    return sharded_loss(0.0, lam, 1.0, query, pos, neg, shard=shard, group=group, **common)
-
-
-def softmax_ce(query: Tensor, table_shard: Tensor, target: Tensor, *, shard: tuple[int, int] | None = None,
-               group: Any = None, **common: Any) -> Tensor:
-    """Full-catalogue softmax cross-entropy with the table sharded by rows across ranks.
-
-    Rank k passes ``table_shard`` = rows [start, stop) of the catalogue (``shard=(start, stop)``;
-    without it the shards are taken in rank order), the replicated ``query`` [R, d] and ``target``
-    [R] (global ids; ``ignore_index`` marks ignored rows), and the shard's slice of the per-item
-    arguments (``log_q``, ``neg_mask``). Every rank returns the same loss; ∂query is complete on
-    every rank, ∂table_shard is the shard's. With a per-item ``log_q`` the target's own correction
-    is subtracted from its score (SPEC §2 logq⁺) unless ``pos_log_q`` overrides it.
-    """
-    for key in ("pos", "pos_idx", "neg_idx", "in_batch", "pos_ids", "neg_ids", "remove_accidental_hits"):
-        if key in common:
-            common["_" + key] = common.pop(key)  # refused inside, collectively
-    return sharded_loss(0.0, 1.0, 0.0, query, None, table_shard, pos_idx=target, target_name="target",
-                        shard=shard, group=group, **common)
