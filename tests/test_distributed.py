@@ -251,7 +251,8 @@ def run_gather_case(mode: str, rank: int, world: int) -> None:
         lv = {k: x[k].to(DTYPE).to(dtype).requires_grad_() for k in ("query", "pos", "pool")}
         lq = x["log_q"].to(DTYPE).to(dtype)
         if mode == "in_batch":
-            out = F.infonce(lv["query"], lv["pos"], None, in_batch=True, pos_ids=x["ids"], log_q=lq, pos_log_q=lq,
+            out = F.infonce(lv["query"], lv["pos"], None, in_batch=True, remove_accidental_hits=True, pos_ids=x["ids"],
+                            log_q=lq, pos_log_q=lq,
                             backend="reference")
         else:
             out = F.mine_plus(lv["query"], lv["pos"], lv["pool"], lam=1.2, remove_accidental_hits=True,
