@@ -332,6 +332,7 @@ CASES: dict[str, Callable[[int, int], None]] = {
 
 MF_CASES: dict[str, dict[str, Any]] = {
     "gather_in_batch": {"loss": "infonce", "sampler": "in-batch", "dist": "gather"},
+    "gather_in_batch_logq": {"loss": "infonce_plus", "sampler": "in-batch", "logq": True, "dist": "gather"},
     "gather_shared_logq_exclude": {"loss": "mine_plus", "layout": "shared", "negatives": 40, "logq": True,
                                    "exclude_positives": True, "dist": "gather"},
     "gather_full": {"loss": "bpr", "layout": "full", "dist": "gather"},
@@ -452,6 +453,8 @@ def test_bad_configuration_fails_on_every_rank(ranks: list[dict[str, Any]], case
 
 @pytest.mark.parametrize("case", list(MF_CASES))
 def test_mf_trainer_matches_one_process(ranks: list[dict[str, Any]], case: str) -> None:
+    if MF_CASES[case].get("logq") and MF_CASES[case].get("sampler") == "in-batch" and not FUNCTIONAL_SMOOTHING:
+        pytest.skip("one process applies logQ to the in-batch positive only with issue 11's functional (not merged)")
     want = mf_run(case)
     assert want["world_size"] == 1
     for rank, results in enumerate(ranks):
