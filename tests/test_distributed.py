@@ -268,6 +268,32 @@ def run_gather_case(mode: str, rank: int, world: int) -> None:
         assert_close_to_oracle(grad, ref[k][part], oracle[k][part], DTYPE, k)
 
 
+def run_ring_case(rank: int, world: int) -> None:
+    """ring_logsumexp over the global in-batch pool (own column and duplicates removed by id, log_q),
+    weighted by a random upstream gradient, against one process on the concatenated batch."""
+    x = gathered_inputs(world)
+    start = sum(ROWS[world][:rank])
+    rows = slice(start, start + ROWS[world][rank])
+    w = torch.randn(x["query"].shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    q, p = x["query"][rows].to(DTYPE).requires_grad_(), x["pos"][rows].to(DTYPE).requires_grad_()
+    lse = D.ring_logsumexp(q, p, ids=x["ids"][rows], pos_ids=x["ids"][rows], log_q=x["log_q"][rows].to(DTYPE),
+                           temperature=0.5, backend="torch")
+    (lse * w[rows].to(DTYPE)).sum().backward()
+
+    def single(dtype: torch.dtype) -> dict[str, Tensor]:
+        lv = {k: x[k].to(DTYPE).to(dtype).requires_grad_() for k in ("query", "pos")}
+        out = F.sampled_logsumexp(lv["query"], lv["pos"], neg_ids=x["ids"], pos_ids=x["ids"], temperature=0.5,
+                                  remove_accidental_hits=True, log_q=x["log_q"].to(DTYPE).to(dtype),
+                                  backend="reference")
+        return {"lse": out.detach(), **_with_grads((out * w.to(dtype)).sum(), lv, torch.ones(()))}
+
+    oracle, ref = single(torch.float64), single(DTYPE)
+    assert_close_to_oracle(lse, ref["lse"][rows], oracle["lse"][rows], DTYPE, "lse")
+    for k, v in (("query", q), ("pos", p)):
+        grad = v.grad if v.grad is not None or v.numel() else torch.zeros_like(v)
+        assert_close_to_oracle(grad, ref[k][rows], oracle[k][rows], DTYPE, k)
+
+
 # ----------------------------------------------------------------------------------------------
 # bad configurations: every rank must raise (and the group must stay usable afterwards)
 
@@ -324,6 +350,7 @@ CASES: dict[str, Callable[[int, int], None]] = {
     **{f"shard:{k}": functools.partial(run_shard_case, c) for k, c in SHARD_CASES.items()},
     "gather:in_batch": lambda r, w: run_gather_case("in_batch", r, w),
     "gather:pool": lambda r, w: run_gather_case("pool", r, w),
+    "ring:in_batch_logsumexp": run_ring_case,
 }
 
 

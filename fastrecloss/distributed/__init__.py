@@ -4,7 +4,8 @@ Two modes:
 
 * **cross-rank negatives** — :func:`gather_negatives`: every rank's negatives (in-batch
   positives or a sampled pool) gathered into one pool with gradients back to their owners; each
-  rank then calls the ordinary :mod:`fastrecloss.functional` loss on its own rows.
+  rank then calls the ordinary :mod:`fastrecloss.functional` loss on its own rows;
+  :func:`ring_logsumexp` is the ring variant that never holds the global pool (Inf-CL).
 * **a sharded catalogue** — :func:`softmax_ce`, :func:`sampled_logsumexp` and the contrastive
   family (:func:`infonce`, :func:`infonce_plus`, :func:`dcl`, :func:`mine`, :func:`mine_plus`)
   with ``neg`` = this rank's rows of the table or pool: per-row statistics merged with
@@ -18,6 +19,7 @@ Without an initialised process group everything runs as one process. See docs/di
 
 from .gather import gather_negatives
 from .losses import dcl, infonce, infonce_plus, mine, mine_plus, sampled_logsumexp, softmax_ce
+from .ring import ring_logsumexp
 
-__all__ = ["gather_negatives", "softmax_ce", "sampled_logsumexp", "infonce", "infonce_plus", "dcl", "mine",
-           "mine_plus"]
+__all__ = ["gather_negatives", "ring_logsumexp", "softmax_ce", "sampled_logsumexp", "infonce", "infonce_plus",
+           "dcl", "mine", "mine_plus"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,19 @@ def gather_negatives(neg: Tensor, *, ids: Tensor | None = None, log_q: Tensor | 
     backward, plus a small all-gather of the sizes.
     """
     g = resolve_group(group)
+    sizes = pool_sizes(g, neg, ids, log_q)
+    if g.world == 1:
+        return neg, ids, log_q
+    return (gather_rows(neg, sizes, g, differentiable=True),
+            None if ids is None else gather_rows(ids, sizes, g),
+            None if log_q is None else gather_rows(log_q, sizes, g))
+
+
+def pool_sizes(g: Group, neg: Tensor, ids: Tensor | None, log_q: Tensor | None,
+               more: Callable[[], list[int]] | None = None, more_what: tuple[str, ...] = ()) -> list[int]:
+    """Validate one rank's pool (``neg`` [N_k, d], ``ids`` / ``log_q`` [N_k]) against every rank's; return
+    the sizes N_k in rank order (every rank raises the same error on a mismatch or a bad argument).
+    ``more()`` validates further local arguments; its values (named by ``more_what``) must agree too."""
 
     def local() -> list[int]:
         _check_float("neg", neg, 2, "[N, d]")
@@ -55,21 +69,15 @@ def gather_negatives(neg: Tensor, *, ids: Tensor | None = None, log_q: Tensor | 
             if t is not None and t.device != neg.device:
                 raise ValueError(f"{name} is on {t.device} but neg is on {neg.device}")
         return [n, neg.shape[1], dtype_code(neg.dtype), ids is not None, log_q is not None,
-                dtype_code(log_q.dtype) if log_q is not None else -1]
+                dtype_code(log_q.dtype) if log_q is not None else -1, *(more() if more else [])]
 
     device = neg.device if isinstance(neg, Tensor) else torch.device("cpu")
-    rows = exchange(g, local, 6, device)
-    agreed(rows, 1, "the negatives' dimension d (neg.shape[1])")
-    agreed(rows, 2, "neg's dtype (as a code)")
-    agreed(rows, 3, "whether ids is given")
-    agreed(rows, 4, "whether log_q is given")
-    agreed(rows, 5, "log_q's dtype (as a code)")
-    if g.world == 1:
-        return neg, ids, log_q
-    sizes = [r[0] for r in rows]
-    return (gather_rows(neg, sizes, g, differentiable=True),
-            None if ids is None else gather_rows(ids, sizes, g),
-            None if log_q is None else gather_rows(log_q, sizes, g))
+    rows = exchange(g, local, 6 + len(more_what), device)
+    what = ("the negatives' dimension d (neg.shape[1])", "neg's dtype (as a code)", "whether ids is given",
+            "whether log_q is given", "log_q's dtype (as a code)", *more_what)
+    for column, name in enumerate(what, start=1):
+        agreed(rows, column, name)
+    return [r[0] for r in rows]
 
 
 def gather_rows(x: Tensor, sizes: list[int], g: Group, *, differentiable: bool = False) -> Tensor:
