@@ -80,6 +80,7 @@ SHARD_CASES = {
                                                           pos="idx", log_q=True, mask="row", ignore=True),
     "softmax_ce_smoothing_col_mask_none": ShardCase("softmax_ce", {"label_smoothing": 0.2}, pos="idx", mask="col",
                                                     reduction="none"),
+    "softmax_ce_unchecked": ShardCase("softmax_ce", {"check": False}, pos="idx", log_q=True),
     "softmax_ce_bf16": ShardCase("softmax_ce", pos="idx", log_q=True, weight=True, dtype=torch.bfloat16),
     "infonce_logq_hits_col_mask": ShardCase("infonce", log_q=True, hits=True, mask="col"),
     "infonce_plus_row_mask_sum": ShardCase("infonce_plus", {"eps": 0.4, "lam": 1.1}, mask="row", weight=True,
@@ -142,6 +143,7 @@ def single_process(case: ShardCase, x: dict[str, Tensor], dtype: torch.dtype) ->
     kw = call_kwargs(case, {k: v.to(case.dtype).to(dtype) if v.is_floating_point() else v for k, v in x.items()},
                      slice(None))
     kw["backend"] = "reference"
+    kw.pop("check", None)
     valid = x["target"] != -100
     target = torch.where(valid, x["target"], 0)
     if case.pos == "idx":  # the sharded call's conventions, spelled out for functional
@@ -326,6 +328,10 @@ def _bad_rows(rank: int, world: int) -> None:
     D.infonce(torch.randn(r, DIM), torch.randn(r, DIM), torch.randn(4, DIM))
 
 
+def _unsupported_keyword(rank: int, world: int) -> None:
+    D.infonce(torch.randn(3, DIM), torch.randn(3, DIM), torch.randn(4, DIM), neg_idx=torch.zeros(3, 2, dtype=int))
+
+
 def _bad_gather_dim(rank: int, world: int) -> None:
     D.gather_negatives(torch.randn(3, DIM + (rank == 1), requires_grad=True))
 
@@ -339,6 +345,9 @@ ERROR_CASES: dict[str, tuple[Callable[[int, int], None], type, str]] = {
     "bad_argument_on_one_rank": (_bad_local_arg, ValueError, "log_q must have shape"),
     "rows_differ": (_bad_rows, ValueError, "the number of rows R"),
     "gather_d_differs": (_bad_gather_dim, ValueError, "the negatives' dimension d"),
+    "ring_without_pos_ids": (lambda r, w: D.ring_logsumexp(torch.randn(2, DIM), torch.randn(3, DIM),
+                                                           ids=torch.arange(3)), ValueError, "needs both ids"),
+    "unsupported_keyword": (_unsupported_keyword, ValueError, "neg_idx: not supported by the sharded losses"),
 }
 
 
