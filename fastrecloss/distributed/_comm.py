@@ -62,6 +62,8 @@ def exchange(g: Group, local: Callable[[], list[int]], width: int, device: torch
             raise RuntimeError(f"internal: validation row of {len(row)} values, expected {width}")
     except Exception as e:  # noqa: BLE001 - any local failure must reach the other ranks
         error, row = e, [0] * width
+    if error is not None and g.world == 1:
+        raise error
     t = torch.tensor([int(error is not None), *row], dtype=torch.int64).to(device)
     if g.world > 1:
         out = [torch.empty_like(t) for _ in range(g.world)]

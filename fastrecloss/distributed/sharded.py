@@ -142,12 +142,13 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
         knobs.check()
         check_choice("reduction", reduction, REDUCTIONS)
         _check_float("query", query, 2, "[R, d]")
-        _check_float("neg", neg, 2, "[N_k, d] (this rank's rows of the table)")
+        neg_name = "table_shard" if target_name == "target" else "neg"
+        _check_float(neg_name, neg, 2, "[N_k, d] (this rank's rows of the table)")
         R, d = query.shape
         N = neg.shape[0]
         if neg.shape[1] != d or neg.dtype != query.dtype or neg.device != query.device:
-            raise ValueError(f"neg must be [N_k, d = {d}] with the query's dtype {query.dtype} on {query.device}, "
-                             f"got {tuple(neg.shape)} {neg.dtype} on {neg.device}")
+            raise ValueError(f"{neg_name} must be [N_k, d = {d}] with the query's dtype {query.dtype} on "
+                             f"{query.device}, got {tuple(neg.shape)} {neg.dtype} on {neg.device}")
         row: dict[str, int] = {"R": R, "d": d, "N": N, "dtype": dtype_code(query.dtype), "log_q": log_q is not None,
                                "pos": pos is not None,
                                "pos_idx": pos_idx is not None, "hits": bool(remove_accidental_hits),
@@ -158,7 +159,7 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
                 raise TypeError(f"shard must be a pair of ints (start, stop), got {shard!r}")
             if not 0 <= shard[0] <= shard[1] or shard[1] - shard[0] != N:
                 raise ValueError(f"shard=({shard[0]}, {shard[1]}) must satisfy 0 <= start <= stop and hold "
-                                 f"stop - start = {N} rows (neg.shape[0])")
+                                 f"stop - start = {N} rows ({neg_name}.shape[0])")
             row.update(start=shard[0], stop=shard[1], has_shard=1)
         if pos is not None and pos_idx is not None:
             raise ValueError(f"pass either pos [R, d] or {target_name} [R], not both")
