@@ -4,8 +4,9 @@ Rank k holds rows [start_k, stop_k) of the item table (``neg`` / ``table_shard``
 them with the fused primitive :func:`fastrecloss.functional.sampled_logsumexp` to per-row
 statistics: the shard's log-sum-exp, its count of unmasked negatives and, where the positive is a
 table row, the positive's score on the shard that owns it. Two all-reduces merge them (max; then
-the sum of the rescaled sum-exps, positive scores and counts, in float64), so O(R) numbers cross
-the wire whatever the catalogue size, and every rank finishes with the same per-row loss.
+the sum of the rescaled sum-exps, positive scores and counts — and, with label smoothing, the
+shards' score sums — in float64), so O(R) numbers cross the wire whatever the catalogue size, and
+every rank finishes with the same per-row loss.
 
 Gradients follow the replicated-loss convention (Megatron's vocab-parallel cross-entropy): every
 rank holds the same loss and backpropagates the same upstream gradient; ∂query (and ∂pos,
