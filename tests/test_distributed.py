@@ -541,6 +541,24 @@ def test_one_process_without_a_group_is_the_functional_loss() -> None:
     assert neg is x["table"] and ids is x["ids"] and lq is None
 
 
+def test_one_process_mixed_precision_is_the_functional_loss() -> None:
+    """A bfloat16 query with a float32 table is computed and returned in float32, as functional does."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(6, DIM, generator=g).bfloat16().requires_grad_()
+    table = torch.randn(ITEMS, DIM, generator=g).requires_grad_()
+    target = torch.randint(0, ITEMS, (6,), generator=g)
+    got = D.softmax_ce(q, table, target, label_smoothing=0.1, z_loss=0.01, backend="torch")
+    got.backward()
+    grads = q.grad.clone(), table.grad.clone()
+    q.grad = table.grad = None
+    want = F.softmax_ce(q, table, target, label_smoothing=0.1, z_loss=0.01, backend="torch")
+    want.backward()
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], q.grad)
+    torch.testing.assert_close(grads[1], table.grad, rtol=1e-5, atol=1e-6)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     job, rank_, world_, port_, out_ = sys.argv[2:7]
     if job == "losses":

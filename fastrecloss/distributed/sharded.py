@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import functional as F
 from .._ops import reduce_rows
-from .._problem import REDUCTIONS, _check_float, _check_shape, check_choice
+from .._problem import REDUCTIONS, _check_float, _check_shape, _promote, check_choice
 from .._spec import acc_dtype, contrastive
 from ._comm import (
     Group,
@@ -136,6 +136,7 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
     state: dict[str, Any] = {}
 
     def local() -> list[int]:
+        nonlocal query, pos, neg
         if unsupported:
             names = ", ".join(sorted(k.lstrip("_") for k in unsupported))
             raise ValueError(f"{names}: not supported by the sharded losses (shared layout only: neg is this "
@@ -145,6 +146,10 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
         _check_float("query", query, 2, "[R, d]")
         neg_name = "table_shard" if target_name == "target" else "neg"
         _check_float(neg_name, neg, 2, "[N_k, d] (this rank's rows of the table)")
+        if pos is not None:
+            _check_float("pos", pos, 2, "[R, d]")
+        # a mix of float32 / bfloat16 / float16 is computed (and returned) in float32, as functional does
+        query, pos, neg = _promote(query, pos, neg, {"neg": neg_name})
         R, d = query.shape
         N = neg.shape[0]
         if neg.shape[1] != d or neg.dtype != query.dtype or neg.device != query.device:
@@ -166,11 +171,9 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
             raise ValueError(f"pass either pos [R, d] or {target_name} [R], not both")
         if need_pos and pos is None and pos_idx is None:
             raise ValueError(f"this loss needs a positive: pass pos [R, d] or {target_name} [R]")
-        if pos is not None:
-            _check_float("pos", pos, 2, "[R, d]")
-            if pos.shape != query.shape or pos.dtype != query.dtype:
-                raise ValueError(f"pos must have the query's shape {tuple(query.shape)} and dtype {query.dtype}, "
-                                 f"got {tuple(pos.shape)} {pos.dtype}")
+        if pos is not None and (pos.shape != query.shape or pos.dtype != query.dtype):
+            raise ValueError(f"pos must have the query's shape {tuple(query.shape)} and dtype {query.dtype}, "
+                             f"got {tuple(pos.shape)} {pos.dtype}")
         _check_shape(target_name, pos_idx, (R,), "[R] (global ids, the same on every rank)", kind="int")
         _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float")
         _check_shape("weight", weight, (R,), "[R]", kind="float")
