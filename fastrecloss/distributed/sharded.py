@@ -17,7 +17,6 @@ backward), ∂neg is the local shard's only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,24 +93,6 @@ def _local_row(values: dict[str, int]) -> list[int]:
     return [int(values.get(name, 0)) for name in _ROW]
 
 
-@dataclass(frozen=True)
-class Knobs:
-    """The contrastive family's ε, λ, μ, plus softmax_ce's label smoothing α and z-loss z (SPEC §4)."""
-
-    eps: float
-    lam: float
-    mu: float
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-
-    def check(self) -> None:
-        contrastive(self.eps, self.lam, self.mu)  # validates ε, λ, μ
-        for name, hi in (("label_smoothing", 1.0), ("z_loss", math.inf)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
-                raise ValueError(f"{name} must be a number in [0, {hi}], got {value!r}")
-
-
 def score_sums(q: Tensor, neg: Tensor, log_q: Tensor | None, neg_mask: Tensor | None, temperature: float,
                acc: torch.dtype) -> Tensor:
     """Σ_j s_rj over this shard's unmasked items [R] (label smoothing's mean), without an R×N score matrix."""
@@ -123,7 +104,7 @@ def score_sums(q: Tensor, neg: Tensor, log_q: Tensor | None, neg_mask: Tensor | 
     return s
 
 
-def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *,
+def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg: Tensor, *,
                  need_pos: bool = True, target_name: str = "pos_idx", shard: tuple[int, int] | None = None,
                  group: Any = None, pos_idx: Tensor | None = None, temperature: float = 1.0,
                  log_q: Tensor | None = None, pos_log_q: Tensor | None = None, pos_ids: Tensor | None = None,
@@ -131,7 +112,8 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
                  weight: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
                  deterministic: bool = False, ignore_index: int = -100, check: bool = True,
                  **unsupported: Any) -> Tensor:
-    """The contrastive family (SPEC §2, ``knobs``) over a pool sharded across ranks; see the module doc."""
+    """The contrastive family over a pool sharded across ranks (see the module doc); ``knobs`` are the
+    :class:`~fastrecloss._spec.LossSpec` hyper-parameters (eps, lam, mu, label_smoothing, z_loss)."""
     g = resolve_group(group)
     state: dict[str, Any] = {}
 
@@ -141,7 +123,7 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
             names = ", ".join(sorted(k.lstrip("_") for k in unsupported))
             raise ValueError(f"{names}: not supported by the sharded losses (shared layout only: neg is this "
                              "rank's rows of the table or pool; no neg_idx, in_batch, per-row negatives)")
-        knobs.check()
+        state["spec"] = contrastive(**knobs)  # validated here, so a bad value fails on every rank
         check_choice("reduction", reduction, REDUCTIONS)
         _check_float("query", query, 2, "[R, d]")
         neg_name = "table_shard" if target_name == "target" else "neg"
@@ -193,7 +175,7 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
         state["n"] = unmasked_counts(R, N, neg_mask, hit_pos if remove_accidental_hits else None, neg_ids,
                                      query.device)
         state["q"] = q
-        if knobs.label_smoothing:
+        if state["spec"].label_smoothing:
             state["ssum"] = score_sums(q, neg, log_q, neg_mask, temperature, acc_dtype(query.dtype))
         return _local_row(row)
 
@@ -218,7 +200,7 @@ def sharded_loss(knobs: Knobs, query: Tensor, pos: Tensor | None, neg: Tensor, *
         local()
         start = shard[0] if shard is not None else 0
     state["s_tab"] = _positive_on_shard(state, neg, pos_idx, start, temperature, log_q, pos_log_q)
-    return _merge(g, state, knobs, need_pos, query, pos, temperature, pos_log_q, weight, reduction)
+    return _merge(g, state, need_pos, query, pos, temperature, pos_log_q, weight, reduction)
 
 
 def _positive_on_shard(state: dict[str, Any], neg: Tensor, pos_idx: Tensor | None, start: int, temperature: float,
@@ -238,10 +220,10 @@ def _positive_on_shard(state: dict[str, Any], neg: Tensor, pos_idx: Tensor | Non
     return torch.where(own, s, 0.0)
 
 
-def _merge(g: Group, state: dict[str, Any], knobs: Knobs, need_pos: bool, query: Tensor, pos: Tensor | None,
+def _merge(g: Group, state: dict[str, Any], need_pos: bool, query: Tensor, pos: Tensor | None,
            temperature: float, pos_log_q: Tensor | None, weight: Tensor | None, reduction: str) -> Tensor:
     acc = acc_dtype(query.dtype)
-    q, n_k = state["q"], state["n"]
+    q, n_k, knobs = state["q"], state["n"], state["spec"]
     # q[:, :0] keeps the backward's all-reduce of ∂query on every rank's graph even where the local
     # statistic does not depend on the query (an empty shard), so no rank skips that collective.
     lse_k = torch.where(n_k > 0, state["lse"].to(acc), -math.inf) + q[:, :0].sum(dim=1).to(acc)
