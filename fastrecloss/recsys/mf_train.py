@@ -7,7 +7,9 @@
 ``--download``: fetched from files.grouplens.org into ``--data-dir``), or ``synthetic`` (the
 embedded default). Results (config, per-epoch history, best validation and test metrics) go to
 ``OUT/results.json``; a checkpoint is written to ``OUT/checkpoint.pt`` after every epoch and
-``--resume`` continues from it.
+``--resume`` continues from it. Under ``torchrun --nproc_per_node N -m fastrecloss train mf
+--dist gather|shard`` the run is spread over N ranks with the same metrics as one process
+(:mod:`fastrecloss.recsys.mf_dist`, docs/distributed.md).
 """
 
 from __future__ import annotations
