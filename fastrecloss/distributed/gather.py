@@ -30,7 +30,9 @@ def gather_negatives(neg: Tensor, *, ids: Tensor | None = None, log_q: Tensor | 
     the global number of rows: the sum over ranks is then the mean over the global batch, and
     with the parameters' gradients summed over ranks (an all-reduce, or DDP with the loss scaled
     by the world size) training equals one process on the concatenated batch. Every rank must
-    run the backward (a rank without rows too), since the backward is a collective.
+    run the backward (a rank without rows too), since the backward is a collective, and its loss
+    must depend on ``neg_all``: the torch and triton backends keep that dependency for zero rows,
+    the reference backend's zero-row shortcut does not (add ``0 * neg_all.sum()`` there).
 
     Cross-rank in-batch negatives (each row's negatives are the positives of every rank; its own
     column and every duplicate of its item are removed by id, as ``in_batch=True`` does in one
