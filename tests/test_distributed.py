@@ -328,6 +328,10 @@ def _bad_rows(rank: int, world: int) -> None:
     D.infonce(torch.randn(r, DIM), torch.randn(r, DIM), torch.randn(4, DIM))
 
 
+def _grad_on_one_rank(rank: int, world: int) -> None:
+    D.softmax_ce(torch.randn(3, DIM, requires_grad=rank == 0), torch.randn(4, DIM), torch.tensor([0, 1, 2]))
+
+
 def _unsupported_keyword(rank: int, world: int) -> None:
     D.infonce(torch.randn(3, DIM), torch.randn(3, DIM), torch.randn(4, DIM), neg_idx=torch.zeros(3, 2, dtype=int))
 
@@ -347,6 +351,7 @@ ERROR_CASES: dict[str, tuple[Callable[[int, int], None], type, str]] = {
     "gather_d_differs": (_bad_gather_dim, ValueError, "the negatives' dimension d"),
     "ring_without_pos_ids": (lambda r, w: D.ring_logsumexp(torch.randn(2, DIM), torch.randn(3, DIM),
                                                            ids=torch.arange(3)), ValueError, "needs both ids"),
+    "query_grad_on_one_rank": (_grad_on_one_rank, ValueError, "whether the query needs a gradient"),
     "unsupported_keyword": (_unsupported_keyword, ValueError, "neg_idx: not supported by the sharded losses"),
 }
 

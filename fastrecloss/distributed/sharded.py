@@ -38,14 +38,15 @@ from ._comm import (
 )
 
 _ROW = ("R", "d", "N", "start", "stop", "has_shard", "dtype", "log_q", "mask", "pos", "pos_idx", "hits",
-        "pos_log_q", "weight", "tmin", "tmax", "tsum", "tcount")
+        "pos_log_q", "weight", "qgrad", "tmin", "tmax", "tsum", "tcount")
 _COL = {name: i for i, name in enumerate(_ROW)}
 _SAME = {"R": "the number of rows R (query.shape[0]; per-row arguments are replicated)",
          "d": "d (query.shape[1])", "has_shard": "whether shard= is given", "dtype": "the query's dtype (as a code)",
          "log_q": "whether log_q is given", "mask": "neg_mask's kind (0 none, 1 [N], 2 [R, N])",
          "pos": "whether pos is given", "pos_idx": "whether the positive is a table row",
          "hits": "remove_accidental_hits", "pos_log_q": "whether pos_log_q is given",
-         "weight": "whether weight is given"}
+         "weight": "whether weight is given",
+         "qgrad": "whether the query needs a gradient (its backward all-reduces ∂query)"}
 
 
 def unmasked_counts(R: int, N: int, neg_mask: Tensor | None, hit_pos: Tensor | None, hit_neg: Tensor | None,
@@ -140,7 +141,8 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
         row: dict[str, int] = {"R": R, "d": d, "N": N, "dtype": dtype_code(query.dtype), "log_q": log_q is not None,
                                "pos": pos is not None,
                                "pos_idx": pos_idx is not None, "hits": bool(remove_accidental_hits),
-                               "pos_log_q": pos_log_q is not None, "weight": weight is not None}
+                               "pos_log_q": pos_log_q is not None, "weight": weight is not None,
+                               "qgrad": query.requires_grad and torch.is_grad_enabled()}
         if shard is not None:
             if (not isinstance(shard, (tuple, list)) or len(shard) != 2
                     or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
