@@ -91,6 +91,13 @@ def collect(run_dir: Path) -> dict:
     }
 
 
+def dumps(rec: dict) -> str:
+    """The record as JSON, one line per epoch of its history (small diffs, easy to read)."""
+    head = json.dumps({k: v for k, v in rec.items() if k != "history"}, indent=1)
+    rows = ",\n".join("  " + json.dumps(h) for h in rec["history"])
+    return head[:-2] + ',\n "history": [\n' + rows + "\n ]\n}\n"
+
+
 def load(results: Path = RESULTS) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
 
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         for run in args.runs:
             rec = collect(run)
-            (RESULTS / f"{rec['name']}.json").write_text(json.dumps(rec, indent=1) + "\n")
+            (RESULTS / f"{rec['name']}.json").write_text(dumps(rec))
             print(f"{rec['name']}: {rec['status']}, {rec['epochs_run']} epochs (best {rec['best_epoch']})")
         return 0
     generated = tables(load())

@@ -44,6 +44,7 @@ def test_collect_converts_a_run_folder(tmp_path: Path) -> None:
                            "ndcg@40": 0.0823045}  # 6 significant digits, hit/mrr dropped
     assert [h["valid"]["recall@20"] for h in rec["history"]] == [0.1, 0.11, 0.12]
     assert rec["data"] == "Office_Products.txt" and "--seed 42" in rec["command"]
+    assert json.loads(cvae_table.dumps(rec)) == rec
     with pytest.raises(ValueError, match="does not follow"):
         cvae_table.collect(_run(tmp_path, "sasrec-office-s42", 0.1))
 
