@@ -128,24 +128,28 @@ def _minutes(recs: list[dict]) -> str:
     return f"{statistics.mean(walls) / 60:.1f}" if walls else "?"
 
 
+def _cpu_minutes(recs: list[dict]) -> str:
+    return f"{statistics.mean(r['cpu_seconds'] for r in recs) / 60:.1f}"
+
+
 def dataset_table(recs: list[dict], data: str) -> str:
     """Main table of one data set: the paper's rows, then each (model, loss) over its seeds."""
     main = [r for r in recs if _parts(r)[1] == data and not _parts(r)[3]]
     head = ("| model | loss | seeds | status | epochs (best) | val N@20 | test R@20 | test R@40 | test N@20 "
-            "| test N@40 | ratio to paper R@20 / R@40 / N@20 / N@40 | wall min / run |\n"
-            "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|")
+            "| test N@40 | ratio to paper R@20 / R@40 / N@20 / N@40 | wall min / run | train CPU min / run |\n"
+            "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
     lines = [head]
     for model in ("cvae", "sasrec"):
         column, paper = PAPER[data][MODELS[model]]
         label = "ContrastVAE" if model == "cvae" else "SASRec"
         loss = "BCE, 1 negative" if model == "cvae" else ""
         lines.append(f"| {label}, paper{f' ({column})' if column else ''} | {loss} | | | | | "
-                     + " | ".join(f"{p:.4f}" for p in paper) + " | | |")
+                     + " | ".join(f"{p:.4f}" for p in paper) + " | | | |")
         for recon in ("bce", "sce"):
             group = sorted((r for r in main if _parts(r)[0] == model and _parts(r)[2] == recon),
                            key=lambda r: _parts(r)[4])
             if not group:
-                lines.append(f"| {label}, here | {RECON[recon]} | | not run | | | | | | | | |")
+                lines.append(f"| {label}, here | {RECON[recon]} | | not run | | | | | | | | | |")
                 continue
             seeds = ", ".join(str(_parts(r)[4]) for r in group)
             status = ", ".join(sorted({_status(r) for r in group}))
@@ -154,7 +158,7 @@ def dataset_table(recs: list[dict], data: str) -> str:
             cells = [_mean_std([r["valid"]["ndcg@20"] for r in group])]
             cells += [_mean_std([t[k] for t in tests]) for k in METRICS]
             lines.append(f"| {label}, here | {RECON[recon]} | {seeds} | {status} | {epochs} | " + " | ".join(cells)
-                         + f" | {_ratios(tests, paper)} | {_minutes(group)} |")
+                         + f" | {_ratios(tests, paper)} | {_minutes(group)} | {_cpu_minutes(group)} |")
     return "\n".join(lines)
 
 
