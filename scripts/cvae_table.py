@@ -190,6 +190,17 @@ def variants_table(recs: list[dict], data: str = "office") -> str:
     return "\n".join(lines)
 
 
+def runs_table(recs: list[dict]) -> str:
+    """Every run: progress and cost per training epoch (CPU seconds are robust to the machine's load)."""
+    lines = ["| run | status | epochs (best) | train CPU s / epoch | train wall s / epoch "
+             "| wall min, all invocations |", "|---|---|---|---:|---:|---:|"]
+    for r in sorted(recs, key=lambda r: _parts(r)[1:3] + _parts(r)[:1] + _parts(r)[3:]):
+        n = max(r["epochs_run"], 1)
+        lines.append(f"| {r['name']} | {_status(r)} | {r['epochs_run']} ({r['best_epoch']}) "
+                     f"| {r['cpu_seconds'] / n:.1f} | {r['train_seconds'] / n:.1f} | {_minutes([r])} |")
+    return "\n".join(lines)
+
+
 def open_runs(recs: list[dict]) -> str:
     """The runs stopped by --max-minutes, with the command that continues each."""
     rows = [r for r in recs if r["open"]]
@@ -201,6 +212,7 @@ def open_runs(recs: list[dict]) -> str:
 def tables(recs: list[dict]) -> dict[str, str]:
     out = {data: dataset_table(recs, data) for data in DATASETS}
     out["variants"] = variants_table(recs)
+    out["runs"] = runs_table(recs)
     out["open"] = open_runs(recs)
     return out
 

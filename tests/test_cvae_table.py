@@ -64,6 +64,8 @@ def test_tables_mean_std_ratios_and_variants(tmp_path: Path) -> None:
     variants = cvae_table.variants_table(recs)
     assert "| sasrec-office-bce-l1-s42 | layers 1 |" in variants and "(main run)" in variants
     assert "s43" not in variants  # only the seeds that have a variant
+    runs = cvae_table.runs_table(recs)
+    assert "| sasrec-office-bce-s43 | early-stopped | 3 (3) | 1.5 | 2.0 | 1.5 |" in runs
 
 
 def test_committed_doc_tables_equal_the_script_output() -> None:
