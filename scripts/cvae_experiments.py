@@ -6,8 +6,9 @@
     python scripts/cvae_experiments.py loss-cost [--threads 1]
         time and peak memory of the loss terms inside ContrastVAE, torch vs reference backend
         (each case in its own process so that the RSS high-water mark is clean)
-    python scripts/cvae_experiments.py runs [--minutes 85]
-        prints the training commands of the doc (full runs take up to 90 minutes each on 2 cores)
+    python scripts/cvae_experiments.py precision [--batches 6] [--threads 1] [--out FILE.json]
+        CPU seconds of a few ContrastVAE training steps (Office, full softmax) in fp32 and under
+        bf16 autocast: on a CPU without native bf16 (no AVX512-BF16) bf16 is emulated and slower
 
 Run from the repository root with the project's virtual environment.
 """
@@ -119,16 +120,39 @@ def loss_cost(args: argparse.Namespace) -> None:
             print(out, flush=True)
 
 
-def runs(args: argparse.Namespace) -> None:
-    office = DATA / "Office_Products.txt"
-    beauty = DATA / "Beauty.txt"
-    m = args.minutes
-    for line in (f"fastrecloss train contrastvae --data {office} --max-minutes {m} --out runs/cvae-office",
-                 f"fastrecloss train contrastvae --data {office} --resume --out runs/cvae-office",
-                 f"fastrecloss train sasrec --data {office} --max-minutes {m} --out runs/sasrec-office",
-                 f"fastrecloss train contrastvae --data {beauty} --max-minutes {m} --out runs/cvae-beauty",
-                 f"fastrecloss train sasrec --data {beauty} --max-minutes {m} --out runs/sasrec-beauty"):
-        print(line)
+def precision(args: argparse.Namespace) -> None:
+    from fastrecloss.recsys.cvae_train import build, train_step_fn
+    from fastrecloss.recsys.data import leave_one_out, load_sequences
+    from fastrecloss.recsys.seqdata import SequenceBatcher
+
+    torch.set_num_threads(args.threads)
+    data = load_sequences(args.data)
+    train = leave_one_out(data.sequences).train
+    batches = list(SequenceBatcher(train, data.num_items, 100, 256, negatives=False).epoch(0))[:args.batches]
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    rows = []
+    for prec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        hp = dict(num_items=data.num_items, hidden=128, layers=1, heads=4, hidden_dropout=0.3, attn_dropout=0.3,
+                  max_len=100, aug="va", reparam_dropout=0.1, nce_weight=0.3, kl_cap=0.2, anneal_steps=20_000,
+                  temperature=0.5, recon="softmax_ce", kl_norm="maxlen", backend="torch", precision=prec)
+        setup = build("contrastvae", hp)
+        opt = torch.optim.Adam(setup.model.parameters(), lr=1e-3)
+        step = train_step_fn(setup)
+        c = time.process_time()
+        for i, batch in enumerate(batches):
+            terms = step(batch, i)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+        rows.append(dict(precision=prec, batches=len(batches), positions=sum(b.items.numel() for b in batches),
+                         cpu_s=round(time.process_time() - c, 2)))
+    result = dict(data=Path(args.data).name, threads=args.threads, avx512_bf16="avx512_bf16" in flags,
+                  cpu=next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                            if line.startswith("model name")), "?") if flags else "?", rows=rows)
+    print(json.dumps(result), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main() -> None:
@@ -142,10 +166,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("loss-cost")
     p.add_argument("--threads", type=int, default=1)
-    p = sub.add_parser("runs")
-    p.add_argument("--minutes", type=float, default=85)
+    p = sub.add_parser("precision")
+    p.add_argument("--data", default=str(DATA / "Office_Products.txt"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batches", type=int, default=6)
+    p.add_argument("--out", default=None)
     args = parser.parse_args()
-    {"epoch-time": epoch_time, "loss-cost": loss_cost, "runs": runs}[args.cmd](args)
+    {"epoch-time": epoch_time, "loss-cost": loss_cost, "precision": precision}[args.cmd](args)
 
 
 if __name__ == "__main__":

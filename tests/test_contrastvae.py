@@ -68,6 +68,45 @@ def test_attention_mask() -> None:
     assert torch.equal(m[1], torch.ones(4, 4, dtype=torch.bool).tril())
 
 
+def test_published_attention_mask() -> None:
+    """'published': a padding query attends to its whole row, a real query as before (causal, real keys)."""
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    m, masked = attention_mask(valid, "published")[:, 0], attention_mask(valid)[:, 0]
+    assert m[0, :2].all()  # padding queries: every key, also the later real positions
+    assert torch.equal(m[:, 2:], masked[:, 2:]) and torch.equal(m[1], masked[1])
+    # the published additive mask: (1 - key_real·causal)·−10000; a padding query's row is −10000 everywhere
+    additive = (1.0 - (valid[:, None, :] & torch.ones(4, 4, dtype=torch.bool).tril()).float()) * -10000.0
+    s = torch.randn(2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close((s + additive).softmax(-1), s.masked_fill(~m, -math.inf).softmax(-1))
+    with pytest.raises(ValueError, match="padding"):
+        attention_mask(valid, "both")
+
+
+def test_published_padding_loss_terms() -> None:
+    """'published' adds the batch's padding positions to the KL and the NT-Xent sum, nothing else."""
+    items, valid, targets, negs = _batch()
+    models = {}
+    for padding in ("masked", "published"):
+        torch.manual_seed(0)
+        models[padding] = ContrastVAE(_cfg(), "va", padding=padding)
+    a = _loss(models["masked"], items, valid, targets, negs)
+    b = _loss(models["published"], items, valid, targets, negs)
+    torch.testing.assert_close(a["recon"], b["recon"], rtol=0, atol=0)  # real positions never see padding
+    assert not torch.isclose(a["kl"], b["kl"]) and not torch.isclose(a["nce"], b["nce"])
+    torch.manual_seed(7)
+    out = models["published"](items, valid)
+    everywhere = torch.ones(2 * items.shape[0], items.shape[1], dtype=torch.bool)
+    torch.testing.assert_close(b["kl"], gaussian_kl(out.mu, out.logvar, everywhere, items.shape[0] * 12))
+    torch.testing.assert_close(b["nce"], nt_xent(out.z[:5].sum(1), out.z[5:].sum(1)))
+    full = torch.ones_like(valid)  # no padding: both modes agree
+    filled = [torch.where(valid, x, 1) for x in (items, targets, negs)]
+    a, b = (_loss(models[p], filled[0], full, *filled[1:]) for p in ("masked", "published"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="padding"):
+        ContrastVAE(_cfg(), "va", padding="none")
+
+
 @pytest.mark.parametrize("aug", ["va", "ma", "da"])
 def test_padding_ids_change_nothing(aug: str) -> None:
     """Padded positions' item ids (and targets/negatives) leak into no output, loss or score."""
@@ -403,6 +442,10 @@ def test_presets_and_flags() -> None:
     assert (hp["preset"], hp["aug"], hp["kl_cap"], hp["anneal_steps"]) == ("office", "da", 0.1, 20_000)
     assert hp["recon_norm"] == "epoch"
     assert cvae_train.resolve(parser.parse_args(["--recon-norm", "batch"]), 10)["recon_norm"] == "batch"
+    assert (hp["padding"], hp["pad_to_max_len"]) == ("masked", False)
+    hp = cvae_train.resolve(parser.parse_args(["--padding", "published", "--pad-to-max-len"]), 10)
+    assert (hp["padding"], hp["pad_to_max_len"]) == ("published", True)
+    assert cvae_train.build("contrastvae", hp).model.padding == "published"
     parser = argparse.ArgumentParser()
     cvae_train.add_arguments(parser, "sasrec")
     hp = cvae_train.resolve(parser.parse_args(["--data", "Beauty.txt"]), 10)

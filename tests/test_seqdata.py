@@ -85,6 +85,18 @@ def test_batches_are_next_item_examples_padded_to_their_longest() -> None:
     assert len(batcher) == len(list(batcher.epoch(1)))
 
 
+def test_pad_to_max_len_left_pads_the_same_batches() -> None:
+    """``pad_to_max_len``: the same users, negatives and views, left-padded to max_len."""
+    kw = dict(max_len=10, batch_size=8, mask_id=31)
+    short, full = (SequenceBatcher(_train(), 30, pad_to_max_len=p, **kw) for p in (False, True))
+    for x, y in zip(short.epoch(2), full.epoch(2)):
+        L = x.items.shape[1]
+        assert y.items.shape[1] == 10 and torch.equal(x.users, y.users)
+        for name in ("items", "targets", "valid", "negatives", "aug_items", "aug_valid"):
+            assert torch.equal(getattr(y, name)[:, 10 - L:], getattr(x, name))
+            assert not getattr(y, name)[:, :10 - L].any()
+
+
 def test_epochs_are_reproducible_and_differ() -> None:
     batcher = SequenceBatcher(_train(), 30, max_len=10, batch_size=8, mask_id=31)
     a, b, c = list(batcher.epoch(3)), list(batcher.epoch(3)), list(batcher.epoch(4))

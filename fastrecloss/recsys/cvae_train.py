@@ -29,7 +29,7 @@ from torch import nn
 from ..functional import BACKENDS
 from .data import leave_one_out, load_sequences, synthetic, to_sequences
 from .metrics import full_ranking
-from .models.contrastvae import AUGS, KL_NORMS, RECONS, ContrastVAE, EncoderConfig, recon_scale
+from .models.contrastvae import AUGS, KL_NORMS, PADDINGS, RECONS, ContrastVAE, EncoderConfig, recon_scale
 from .models.sasrec import SASRec
 from .seqdata import SequenceBatcher, eval_batch, eval_order
 from .training import CHECKPOINT, fit, progress, seed_everything, write_json
@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser, model_name: str) -> None:
         a("--reparam-dropout", type=float, default=None, help="latent dropout of the ma/da second view")
         a("--kl-norm", default="maxlen", choices=KL_NORMS,
           help="maxlen: KL sum over real positions / (B·max_len), the published scale; token: mean per position")
+        a("--padding", default="masked", choices=PADDINGS,
+          help="masked: padding positions are invisible; published: as the published code, a padding query "
+               "attends to its whole row and the batch's padding positions enter the KL and the NT-Xent sum of z")
     a("--recon-norm", default="epoch", choices=["batch", "epoch"],
       help="epoch (default): the batch's mean reconstruction loss times its real positions / the epoch's mean "
            "per batch, so every position weighs the same as with the published random batches; batch: the plain "
@@ -93,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser, model_name: str) -> None:
     a("--metric", default="ndcg@20", help="validation metric for early stopping")
     a("--eval-every", type=int, default=1)
     a("--bucket-pool", type=int, default=32, help="bucket users by length within pools of this many batches")
+    a("--pad-to-max-len", action="store_true",
+      help="pad every batch to max_len (published) instead of to its longest sequence (slow)")
     a("--precision", default="bf16", choices=["bf16", "fp32"],
       help="bf16: transformer matmuls under bf16 autocast (fp32 weights, LayerNorm, softmax and losses)")
     a("--backend", default="auto", choices=BACKENDS, help="fastrecloss backend of every loss term")
@@ -127,8 +132,8 @@ def resolve(args: argparse.Namespace, num_items: int) -> dict[str, Any]:
         value = getattr(args, key, None)
         hp[key] = default if value is None else value
     for key in ("hidden", "recon", "lr", "weight_decay", "batch_size", "epochs", "patience", "metric",
-                "eval_every", "bucket_pool", "precision", "backend", "seed", "temperature", "kl_norm",
-                "recon_norm"):
+                "eval_every", "bucket_pool", "pad_to_max_len", "precision", "backend", "seed", "temperature",
+                "kl_norm", "recon_norm", "padding"):
         if hasattr(args, key):
             hp[key] = getattr(args, key)
     return hp
@@ -139,7 +144,8 @@ def build(model_name: str, hp: dict[str, Any]) -> Setup:
                         hidden_dropout=hp["hidden_dropout"], attn_dropout=hp["attn_dropout"], max_len=hp["max_len"],
                         mask_token=hp.get("aug") == "da")
     if model_name == "contrastvae":
-        model: nn.Module = ContrastVAE(cfg, hp["aug"], reparam_dropout=hp["reparam_dropout"])
+        model: nn.Module = ContrastVAE(cfg, hp["aug"], reparam_dropout=hp["reparam_dropout"],
+                                       padding=hp.get("padding", "masked"))
     else:
         model = SASRec(cfg)
     return Setup(cfg, model, hp)
@@ -228,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     setup = build(args.model, hp)
     model = setup.model.to(device)
     batcher = SequenceBatcher(split.train, num_items, hp["max_len"], hp["batch_size"], pool_batches=hp["bucket_pool"],
-                              negatives=hp["recon"] == "bce", mask_id=setup.cfg.mask_id)
+                              negatives=hp["recon"] == "bce", mask_id=setup.cfg.mask_id,
+                              pad_to_max_len=hp["pad_to_max_len"])
     optimizer = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=(0.9, 0.999), weight_decay=hp["weight_decay"])
     data_name = "synthetic" if args.data == "synthetic" else Path(args.data).stem
     out = Path(args.out or f"runs/{args.model}-{data_name}-seed{args.seed}")

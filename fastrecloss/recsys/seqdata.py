@@ -159,14 +159,17 @@ class SequenceBatcher:
     ``train`` holds each user's training prefix (ids 1..num_items). Users with fewer than 2 items
     have no target and are left out. ``negatives=True`` draws one negative per position uniformly
     from the items the user has not interacted with in ``train``; ``mask_id`` (not None) turns on
-    the data-augmentation view.
+    the data-augmentation view. ``pad_to_max_len`` pads every batch to ``max_len`` (as the
+    published code does) instead of to its longest sequence.
     """
 
     def __init__(self, train: Sequence[Sequence[int]], num_items: int, max_len: int, batch_size: int, *,
-                 pool_batches: int = 32, negatives: bool = True, mask_id: int | None = None) -> None:
+                 pool_batches: int = 32, negatives: bool = True, mask_id: int | None = None,
+                 pad_to_max_len: bool = False) -> None:
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         self.num_items, self.max_len, self.batch_size = num_items, max_len, batch_size
+        self.pad_to = max_len if pad_to_max_len else None
         self.pool_batches, self.negatives, self.mask_id = pool_batches, negatives, mask_id
         self.users = [u for u, s in enumerate(train) if len(s) >= 2]
         if not self.users:
@@ -198,8 +201,8 @@ class SequenceBatcher:
 
     def make_batch(self, idx: Tensor, g: torch.Generator, sampler: NegativeSampler | None) -> SeqBatch:
         rows = idx.tolist()
-        items, valid = left_pad([self.inputs[r] for r in rows])
-        targets, _ = left_pad([self.targets[r] for r in rows])
+        items, valid = left_pad([self.inputs[r] for r in rows], self.pad_to)
+        targets, _ = left_pad([self.targets[r] for r in rows], self.pad_to)
         batch = SeqBatch(idx, items, targets, valid)
         if sampler is not None:
             row_of = idx[:, None].expand_as(valid)[valid]

@@ -24,6 +24,12 @@ Padding never reaches a real position: attention uses a boolean mask (padding ke
 padding query sees only itself), the losses weight padding rows 0, the KL and the sums of z run
 over real positions only. Positions are counted from the end (the last item is at
 ``max_len - 1``), as if every sequence were left-padded to ``max_len``.
+
+``padding='published'`` reproduces the published code's treatment of the padding positions that
+are in the batch: a padding query attends to every position of its row (the published additive
+mask puts −10000 on all of its keys, which cancels in the softmax), and the padding positions'
+KL and z enter the KL sum and the NT-Xent user vector. Real positions never see padding in
+either mode, so the next-item outputs at real positions are the same.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from ... import functional as FL
 AUGS = ("va", "ma", "da")
 RECONS = ("bce", "softmax_ce")
 KL_NORMS = ("maxlen", "token")
+PADDINGS = ("masked", "published")
 # Kingma et al. (2015), variational dropout: −KL(q(α) || log-uniform prior) ≈ const + 0.5 log α + c1 α + c2 α² + c3 α³.
 _PRIOR_C = (1.161451241083230, -1.502041176441722, 0.586299206427007)
 
@@ -76,10 +83,18 @@ class EncoderConfig:
         return self.num_items + 1 if self.mask_token else None
 
 
-def attention_mask(valid: Tensor) -> Tensor:
-    """Boolean [B, 1, L, L] (True = may attend): causal, real keys only; a padding query sees itself."""
+def attention_mask(valid: Tensor, padding: str = "masked") -> Tensor:
+    """Boolean [B, 1, L, L] (True = may attend): causal, real keys only.
+
+    A padding query sees only itself (``padding='masked'``) or every position of its row
+    (``'published'``: the published code's −10000 on all of its keys cancels in the softmax).
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {', '.join(map(repr, PADDINGS))}, got {padding!r}")
     L = valid.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril_()
+    if padding == "published":
+        return ((causal & valid[:, None, :]) | ~valid[:, :, None])[:, None]
     eye = torch.eye(L, dtype=torch.bool, device=valid.device)
     return (causal & (valid[:, None, :] | eye))[:, None]
 
@@ -286,18 +301,20 @@ class VAEOutput:
 
 
 class ContrastVAE(nn.Module):
-    """ContrastVAE; see the module docstring. ``aug`` ∈ {'va', 'ma', 'da'}."""
+    """ContrastVAE; see the module docstring. ``aug`` ∈ {'va', 'ma', 'da'}, ``padding`` ∈ {'masked', 'published'}."""
 
     def __init__(self, cfg: EncoderConfig, aug: str = "va", reparam_dropout: float = 0.1,
-                 alpha_init: float = 0.5) -> None:
+                 alpha_init: float = 0.5, padding: str = "masked") -> None:
         super().__init__()
         if aug not in AUGS:
             raise ValueError(f"aug must be one of {', '.join(map(repr, AUGS))}, got {aug!r}")
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(map(repr, PADDINGS))}, got {padding!r}")
         if aug == "da" and not cfg.mask_token:
             raise ValueError("aug='da' needs EncoderConfig(mask_token=True) for the mask augmentation")
         if not 0.0 < alpha_init < 1.0:
             raise ValueError(f"alpha_init must be in (0, 1), got {alpha_init}")
-        self.cfg, self.aug = cfg, aug
+        self.cfg, self.aug, self.padding = cfg, aug, padding
         self.embed = SequenceEmbedding(cfg)
         self.enc_mu = TransformerStack(cfg)
         self.enc_logvar = TransformerStack(cfg)
@@ -329,13 +346,13 @@ class ContrastVAE(nn.Module):
     def forward(self, items: Tensor, valid: Tensor, aug_items: Tensor | None = None,
                 aug_valid: Tensor | None = None) -> VAEOutput:
         """Both views of a batch (training). ``items``/``valid`` [B, L]; ``aug_*`` for 'da'."""
-        mask = attention_mask(valid)
+        mask = attention_mask(valid, self.padding)
         emb = self.embed(items)
         if self.aug == "da":
             if aug_items is None or aug_valid is None:
                 raise ValueError("aug='da' needs aug_items and aug_valid [B, L]")
             x = torch.cat([emb, self.embed(aug_items)])
-            enc_mask = torch.cat([mask, attention_mask(aug_valid)])
+            enc_mask = torch.cat([mask, attention_mask(aug_valid, self.padding)])
         else:  # the same embedding (one dropout draw) encoded twice with independent dropout
             x = torch.cat([emb, emb])
             enc_mask = torch.cat([mask, mask])
@@ -357,7 +374,8 @@ class ContrastVAE(nn.Module):
 
         ``kl_norm``: 'maxlen' divides the KL summed over real positions by B·max_len (the scale of
         the published code, which averages over max_len padded positions); 'token' by the number
-        of real positions.
+        of real positions. With ``padding='published'`` the KL sum and the NT-Xent user vector (the
+        sum of z) also take the batch's padding positions.
         """
         if kl_norm not in KL_NORMS:
             raise ValueError(f"kl_norm must be one of {', '.join(map(repr, KL_NORMS))}, got {kl_norm!r}")
@@ -368,9 +386,10 @@ class ContrastVAE(nn.Module):
         rec = next_item_loss(out.hidden.reshape(-1, d), self.table, targets.reshape(-1).repeat(2), negs, w,
                              recon=recon, num_items=self.cfg.num_items, backend=backend) * recon_scale
         valid2 = torch.cat([valid, valid])
+        summed = valid2 if self.padding == "masked" else torch.ones_like(valid2)  # positions in the KL and z sums
         denom = B * self.cfg.max_len if kl_norm == "maxlen" else valid.sum().clamp_min(1)
-        kl = gaussian_kl(out.mu, out.logvar, valid2, denom)
-        user = (out.z * valid2[..., None]).sum(dim=1)
+        kl = gaussian_kl(out.mu, out.logvar, summed, denom)
+        user = (out.z * summed[..., None]).sum(dim=1)
         nce = nt_xent(user[:B], user[B:], temperature, backend=backend)
         beta = kl_weight(step, kl_cap, anneal_steps)
         terms = {"recon": 2 * rec, "kl": kl, "nce": nce}
