@@ -15,7 +15,8 @@ def require(module: str, extra: str = "integrations") -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        message = f"{module} is not installed ({exc}); pip install 'fastrecloss[{extra}]' or python3 dev.py integrations"
+        message = (f"{module} is not installed ({exc}); pip install 'fastrecloss[{extra}]' "
+                   "or python3 dev.py integrations")
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI=true: {message}", pytrace=False)
         pytest.skip(message, allow_module_level=True)

@@ -16,15 +16,16 @@ import pytest
 import torch
 from integrations_util import assert_same, require
 
-pytestmark = [pytest.mark.integrations, pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.integrations, *(pytest.mark.filterwarnings(f"ignore::{w}") for w in
+                                          ("FutureWarning", "DeprecationWarning", "UserWarning"))]
 
 require("recbole")
-from fastrecloss.integrations import recbole as fr  # noqa: E402  (before RecBole's Config: the compat aliases)
 from recbole.config import Config  # noqa: E402
 from recbole.data import create_dataset, data_preparation  # noqa: E402
 from recbole.trainer import Trainer  # noqa: E402
 from recbole.utils import get_model, init_seed  # noqa: E402
+
+from fastrecloss.integrations import recbole as fr  # noqa: E402  (before RecBole's Config: the compat aliases)
 
 N_ITEMS = 30
 
