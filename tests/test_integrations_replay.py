@@ -86,8 +86,10 @@ def compare(ours: torch.nn.Module, theirs: torch.nn.Module, gen: torch.Generator
     assert_same(run(ours), run(theirs), [hidden, table])
 
 
-def test_ce_full_catalogue(gen: torch.Generator) -> None:
-    compare(frl.CE(ignore_index=NI), rl.CE(ignore_index=NI), gen)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_ce_full_catalogue(gen: torch.Generator, label_smoothing: float) -> None:
+    compare(frl.CE(ignore_index=NI, label_smoothing=label_smoothing),
+            rl.CE(ignore_index=NI, label_smoothing=label_smoothing), gen)
 
 
 def test_ce_weighted(gen: torch.Generator) -> None:
@@ -151,7 +153,9 @@ def test_errors(gen: torch.Generator) -> None:
     with pytest.raises(ValueError, match="class weights"):
         frl.CE(weight=torch.ones(NI))
     with pytest.raises(ValueError, match="label_smoothing"):
-        frl.CE(label_smoothing=0.1)
+        frl.CESampled(label_smoothing=0.1)
+    with pytest.raises(ValueError, match="unsupported CrossEntropyLoss"):
+        frl.CE(size_average=True)
     loss = frl.CE(ignore_index=NI)
     with pytest.raises(AttributeError, match="callback"):
         _ = loss.logits_callback

@@ -65,19 +65,16 @@ class _ReplayLoss(nn.Module):
                         "EmbeddingTyingHead); set loss.item_weights_callback = lambda: table [I, d]")
 
 
-def _ce_kwargs(kwargs: dict[str, Any], default_reduction: str = "mean") -> tuple[str, int, float]:
+def _ce_kwargs(kwargs: dict[str, Any]) -> tuple[str, int, float]:
     """The ``torch.nn.CrossEntropyLoss`` keywords RePlay passes through, checked."""
-    unknown = set(kwargs) - {"ignore_index", "reduction", "label_smoothing", "backend"}
+    unknown = set(kwargs) - {"ignore_index", "reduction", "label_smoothing", "weight"}
     if unknown or kwargs.get("weight") is not None:
         raise ValueError(f"unsupported CrossEntropyLoss keyword(s) {sorted(unknown)} (class weights are not "
                          "supported; use CEWeighted for per-target weights)")
-    reduction = kwargs.get("reduction", default_reduction)
+    reduction = kwargs.get("reduction", "mean")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    smoothing = float(kwargs.get("label_smoothing", 0.0))
-    if smoothing != 0.0:
-        raise ValueError("label_smoothing is not supported by this adapter")
-    return reduction, int(kwargs.get("ignore_index", -100)), smoothing
+    return reduction, int(kwargs.get("ignore_index", -100)), float(kwargs.get("label_smoothing", 0.0))
 
 
 def _single_positive(positive_labels: Tensor, name: str) -> None:
@@ -87,40 +84,40 @@ def _single_positive(positive_labels: Tensor, name: str) -> None:
 
 
 class CE(_ReplayLoss):
-    """Full-catalogue cross-entropy (``replay.nn.loss.CE``), never building the [B, L, I] logits."""
+    """Full-catalogue cross-entropy (``replay.nn.loss.CE``), never building the [B, L, I] logits.
 
-    def __init__(self, **kwargs: Any) -> None:
+    Takes ``torch.nn.CrossEntropyLoss``'s ``ignore_index``, ``reduction`` and ``label_smoothing``
+    (not class weights), and ``backend`` (fastrecloss's)."""
+
+    def __init__(self, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__()
-        self.backend = kwargs.pop("backend", "auto")
-        self.reduction, self.ignore_index, _ = _ce_kwargs(kwargs)
+        self.backend = backend
+        self.reduction, self.ignore_index, self.label_smoothing = _ce_kwargs(kwargs)
 
-    def _rows(self, model_embeddings: Tensor, positive_labels: Tensor,
-              target_padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _loss(self, model_embeddings: Tensor, positive_labels: Tensor, target_padding_mask: Tensor,
+              reduction: str, weight: Tensor | None = None) -> Tensor:
         _single_positive(positive_labels, type(self).__name__)
         labels = positive_labels.masked_fill(~target_padding_mask, self.ignore_index).reshape(-1)
-        keep = labels != self.ignore_index
         q = model_embeddings.reshape(-1, model_embeddings.size(-1))
-        return q, labels.masked_fill(~keep, 0), keep.to(q.dtype)
+        return F.softmax_ce(q, self.item_table(), labels, ignore_index=self.ignore_index, weight=weight,
+                            label_smoothing=self.label_smoothing, reduction=reduction, backend=self.backend)
 
     def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
                 negative_labels: Tensor | None, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
-        q, target, keep = self._rows(model_embeddings, positive_labels, target_padding_mask)
-        return F.softmax_ce(q, self.item_table(), target, weight=keep, reduction=self.reduction, backend=self.backend)
+        return self._loss(model_embeddings, positive_labels, target_padding_mask, self.reduction)
 
 
 class CEWeighted(CE):
     """``replay.nn.loss.CEWeighted``: CE weighted by ``feature_tensors[feature_name]`` [B, L, 1]."""
 
-    def __init__(self, feature_name: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs, reduction="none")
+    def __init__(self, feature_name: str, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(backend, **kwargs)
         self.feature_name = feature_name
 
     def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
                 negative_labels: Tensor | None, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
-        q, target, keep = self._rows(model_embeddings, positive_labels, target_padding_mask)
-        sample_weight = feature_tensors[self.feature_name].reshape(-1).to(q.dtype)
-        total = F.softmax_ce(q, self.item_table(), target, weight=keep * sample_weight, reduction="sum",
-                             backend=self.backend)
+        sample_weight = feature_tensors[self.feature_name].reshape(-1).to(model_embeddings.dtype)
+        total = self._loss(model_embeddings, positive_labels, target_padding_mask, "sum", sample_weight)
         return total / sample_weight.sum().clamp_min(1e-8)  # RePlay's weighted_mean: padded rows' weights count
 
 
@@ -141,40 +138,40 @@ class _Sampled(_ReplayLoss):
         d, N = model_embeddings.size(-1), negative_labels.size(-1)
         q = model_embeddings.unsqueeze(2).expand(B, L, P, d).reshape(-1, d)
         keep = target_padding_mask.reshape(-1)
-        pos = positive_labels.reshape(-1).masked_fill(~keep, 0)  # a padded target may hold the padding id
+        ignore = self.negative_labels_ignore_index
+        pos = positive_labels.reshape(-1).masked_fill(~keep, ignore)  # a padded target is an ignored row
         table = self.item_table()
-        ignored = negative_labels == self.negative_labels_ignore_index
-        safe = negative_labels.masked_fill(ignored, 0)
         if negative_labels.dim() == 1:  # one pool for the whole batch: the shared layout
-            kw: dict[str, Any] = dict(neg=table[safe], pos=table[pos])
+            ignored = negative_labels == ignore
+            safe = negative_labels.masked_fill(ignored, 0)
+            kw: dict[str, Any] = dict(neg=table[safe], pos=table[pos.masked_fill(~keep, 0)], weight=keep.to(q.dtype))
             if P == 1:
                 kw.update(neg_mask=ignored, pos_ids=pos, neg_ids=safe, remove_accidental_hits=True)
             else:  # a negative equal to any of the position's P labels is excluded, as RePlay does
                 hits = (positive_labels[..., None] == negative_labels).any(2)  # [B, L, N]
                 kw["neg_mask"] = (hits[:, :, None, :] | ignored).expand(B, L, P, N).reshape(-1, N)
-        else:  # per-row negatives: the indexed layout
+        else:  # per-row negatives: the indexed layout; ``ignore_index`` drops the padded ones
             if negative_labels.dim() == 2:
-                negative_labels, ignored, safe = (t[:, None, :].expand(B, L, N) for t in (negative_labels, ignored,
-                                                                                           safe))
-            mask = ignored
+                negative_labels = negative_labels[:, None, :].expand(B, L, N)
+            kw = dict(neg=table, pos=None, pos_idx=pos, remove_accidental_hits=P == 1,
+                      neg_idx=negative_labels[:, :, None, :].expand(B, L, P, N).reshape(-1, N))
             if P > 1:
-                mask = mask | (positive_labels[..., None] == negative_labels[:, :, None, :]).any(2)
-            kw = dict(neg=table, pos=None, pos_idx=pos, neg_idx=safe[:, :, None, :].expand(B, L, P, N).reshape(-1, N),
-                      neg_mask=mask[:, :, None, :].expand(B, L, P, N).reshape(-1, N),
-                      remove_accidental_hits=P == 1)
-        out = fn(q, kw.pop("pos"), kw.pop("neg"), weight=keep.to(q.dtype), reduction=reduction,
-                 backend=self.backend, **kw, **extra)
+                hits = (positive_labels[..., None] == negative_labels[:, :, None, :]).any(2)  # [B, L, N]
+                kw["neg_mask"] = hits[:, :, None, :].expand(B, L, P, N).reshape(-1, N)
+        out = fn(q, kw.pop("pos"), kw.pop("neg"), reduction=reduction, ignore_index=ignore, backend=self.backend,
+                 **kw, **extra)
         return out[keep] if reduction == "none" else out
 
 
 class CESampled(_Sampled):
     """``replay.nn.loss.CESampled``: CE over [positive, sampled negatives] (InfoNCE with ε = 1)."""
 
-    def __init__(self, negative_labels_ignore_index: int = -100, **kwargs: Any) -> None:
-        backend = kwargs.pop("backend", "auto")
-        self_reduction, _, _ = _ce_kwargs(kwargs)  # ignore_index of the CE never applies: the target is column 0
+    def __init__(self, negative_labels_ignore_index: int = -100, backend: str = "auto", **kwargs: Any) -> None:
         super().__init__(negative_labels_ignore_index, backend)
-        self.reduction = self_reduction
+        # CrossEntropyLoss keywords: its ignore_index never applies (the target is column 0)
+        self.reduction, _, smoothing = _ce_kwargs(kwargs)
+        if smoothing:
+            raise ValueError("label_smoothing is not supported by CESampled")
 
     def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
                 negative_labels: Tensor, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
@@ -197,10 +194,9 @@ class BCE(_ReplayLoss):
         table = self.item_table()
         q = model_embeddings.reshape(-1, model_embeddings.size(-1))
         ids = torch.arange(table.size(0), device=q.device)
-        keep = target_padding_mask.reshape(-1)
-        pos = positive_labels.reshape(-1).masked_fill(~keep, 0)  # a padded target may hold the padding id
+        pos = positive_labels.reshape(-1).masked_fill(~target_padding_mask.reshape(-1), -100)  # padded: ignored
         return F.bce(q, None, table, pos_idx=pos, neg_ids=ids, remove_accidental_hits=True, beta=self.beta,
-                     neg_reduction="sum", weight=keep.to(q.dtype), backend=self.backend)
+                     neg_reduction="sum", backend=self.backend)
 
 
 class BCESampled(_Sampled):
