@@ -5,20 +5,31 @@ Each variant runs in a fresh interpreter so that its peak resident memory (``ru_
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def main(run: Callable[[str, Any], dict[str, float]], variants: Sequence[str], parse: Callable[[], Any]) -> None:
-    args = parse()
+def parse(doc: str, variants: Sequence[str], epochs: int) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DATA), help="folder holding ml-100k/ml-100k.inter")
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--variant", choices=variants, help=argparse.SUPPRESS)
+    return ap.parse_args()
+
+
+def main(run: Callable[[str, Any], dict[str, float]], variants: Sequence[str], args: argparse.Namespace) -> None:
     if args.variant:  # the child: one run, one JSON line
         out = run(args.variant, args)
         print("RESULT " + json.dumps({**out, "peak_rss_mib": peak_rss_mib()}), flush=True)

@@ -12,7 +12,6 @@ its own process; prints test metrics, seconds per epoch and peak resident memory
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -22,19 +21,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _sidebyside  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("recbole", "softmax_ce", "infonce")
 
 
-def parse() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding ml-100k/")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    return ap.parse_args()
-
-
-def run(variant: str, args: argparse.Namespace) -> dict[str, float]:
+def run(variant: str, args: Any) -> dict[str, float]:
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -75,4 +65,4 @@ def run(variant: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    _sidebyside.main(run, VARIANTS, parse)
+    _sidebyside.main(run, VARIANTS, _sidebyside.parse(__doc__, VARIANTS, epochs=2))

@@ -13,10 +13,10 @@ and peak resident memory.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,17 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _sidebyside  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("replay.CE", "fastrecloss.CE", "replay.CESampled", "fastrecloss.CESampled")
 L = 50
-
-
-def parse() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"), help="folder holding ml-100k/")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    return ap.parse_args()
 
 
 def load(path: Path) -> tuple[list[np.ndarray], int]:
@@ -54,7 +45,7 @@ def left_pad(seqs: list[np.ndarray], pad: int, length: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def run(variant: str, args: argparse.Namespace) -> dict[str, float]:
+def run(variant: str, args: Any) -> dict[str, float]:
     from replay.data import FeatureHint, FeatureSource, FeatureType
     from replay.data.nn import TensorFeatureInfo, TensorFeatureSource, TensorSchema
     from replay.nn import loss as replay_loss
@@ -110,4 +101,4 @@ def run(variant: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    _sidebyside.main(run, VARIANTS, parse)
+    _sidebyside.main(run, VARIANTS, _sidebyside.parse(__doc__, VARIANTS, epochs=20))
