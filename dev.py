@@ -77,7 +77,8 @@ def main(argv: list[str]) -> int:
     ensure_venv("integrations" if cmd == "integrations" else None)
     env = dict(os.environ)
     if cmd == "integrations":
-        return _run([PY, "-m", "pytest", "-q", "-m", "integrations", *(rest or ["tests"])], env=env)
+        files = rest or sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_integrations_*.py"))
+        return _run([PY, "-m", "pytest", "-q", "-m", "integrations", *files], env=env)
     if cmd == "demo":
         return _run([PY, "-m", "fastrecloss", "demo", *rest], env=env)
     if cmd == "run":
