@@ -12,6 +12,7 @@ its own process; prints test metrics, seconds per epoch and peak resident memory
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -37,8 +38,10 @@ def run(variant: str, args: Any) -> dict[str, float]:
     if not (Path(args.data) / "ml-100k" / "ml-100k.inter").exists():
         raise SystemExit(f"ml-100k/ml-100k.inter not found under {args.data} (pass --data)")
     torch.set_num_threads(1)
+    data, work = str(Path(args.data).resolve()), tempfile.mkdtemp()
+    os.chdir(work)  # RecBole's Trainer writes log_tensorboard/ into the working directory
     cfg: dict[str, Any] = dict(
-        data_path=args.data, checkpoint_dir=tempfile.mkdtemp(), epochs=args.epochs, eval_step=args.epochs,
+        data_path=data, checkpoint_dir=work, epochs=args.epochs, eval_step=args.epochs,
         train_batch_size=512, eval_batch_size=1024, learning_rate=1e-3, hidden_size=64, inner_size=128, n_layers=1,
         n_heads=2, hidden_dropout_prob=0.2, attn_dropout_prob=0.2, MAX_ITEM_LIST_LENGTH=20, loss_type="CE",
         train_neg_sample_args=None, load_col={"inter": ["user_id", "item_id", "timestamp"]},

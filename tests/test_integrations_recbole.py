@@ -163,6 +163,7 @@ def test_in_batch_negatives_exclude_the_rows_own_item(data_root: Path) -> None:
 
 def test_trains_sasrec_through_recboles_trainer_and_reloads_its_checkpoint(data_root: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(data_root)  # RecBole's Trainer creates log_tensorboard/ in the working directory
     config, model, train, valid = build(data_root, "SASRec", epochs=3, eval_step=1)
     fr.use_fastrecloss(model, loss="infonce", negatives="uniform", num_negatives=8)
     before = model.item_embedding.weight.detach().clone()
