@@ -11,13 +11,16 @@ import torch
 
 
 def require(module: str, extra: str = "integrations") -> ModuleType:
-    """Import ``module``; absent → skip with the install command, or fail when CI=true (never a silent skip)."""
+    """Import ``module``; absent → skip with the install command, but fail in CI's integration run."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         message = (f"{module} is not installed ({exc}); pip install 'fastrecloss[{extra}]' "
                    "or python3 dev.py integrations")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        # CI's integration command (python3 dev.py integrations sets FASTRECLOSS_INTEGRATIONS=1) must not skip;
+        # CI's default run collects this module too, before the extra is installed, and deselects it.
+        in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+        if in_ci and os.environ.get("FASTRECLOSS_INTEGRATIONS") == "1":
             pytest.fail(f"CI=true: {message}", pytrace=False)
         pytest.skip(message, allow_module_level=True)
         raise
