@@ -1,0 +1,250 @@
+"""Run RecBole models on fastrecloss losses without editing RecBole.
+
+    from fastrecloss.integrations.recbole import use_fastrecloss
+    model = SASRec(config, train_data.dataset)             # loss_type: CE, train_neg_sample_args: None
+    use_fastrecloss(model, loss="softmax_ce")              # full catalogue, never builds B×I logits
+    use_fastrecloss(model, loss="infonce", negatives="popularity", num_negatives=256,
+                    item_counts=train_data.dataset)        # sampled softmax with logQ correction
+    Trainer(config, model).fit(train_data, valid_data)     # RecBole's own trainer, unchanged
+
+``use_fastrecloss`` replaces the model's ``calculate_loss`` (an instance attribute: the class and
+every other model are untouched; ``restore_loss`` undoes it). The query vectors, item table and
+regularisers are taken exactly as the model's own ``calculate_loss`` takes them, so
+``loss="softmax_ce"`` on a CE model, and ``loss="bpr"`` with the dataloader's negatives on a
+model trained with ``BPRLoss``, compute RecBole's own loss (tests/test_integrations_recbole.py).
+
+Supported models: the sequential ones whose CE loss is ``cross_entropy(seq_output · Eᵀ, pos)``
+(``SEQUENTIAL``, BERT4Rec with its masked positions and output bias included) and the general
+ones trained with ``BPRLoss`` listed in ``GENERAL``. Negatives for every other loss:
+``'interaction'`` (the dataloader's ``neg_item_id``, per row), ``'uniform'``/``'popularity'`` (a
+pool of ``num_negatives`` shared by the batch, drawn from the non-padding ids, logQ-corrected
+for the contrastive losses unless ``logq_correction=False``) or ``'in_batch'`` (the batch's own
+positives; logQ from ``item_counts`` when given).
+
+RecBole 1.2.1 and current NumPy/SciPy/torch: it needs ``pandas<3``; its ``Config`` aliases
+``np.float_``/``np.complex_``/``np.unicode_`` (gone in NumPy 2) and LightGCN's adjacency uses
+``dok_matrix._update`` (gone in SciPy 1.12) — importing this module adds those three aliases and
+that method where missing (``recbole_compat``), so import it before building the ``Config``; and
+it loads checkpoints with a bare ``torch.load``, which fails on torch ≥ 2.6 (``weights_only``
+became the default): set ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for
+``Trainer.evaluate(load_best_model=True)`` (a checkpoint you wrote yourself), or pass
+``load_best_model=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ._sampling import PoolSampler
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "softmax_ce": F.softmax_ce, "infonce": F.infonce, "infonce_plus": F.infonce_plus, "dcl": F.dcl,
+    "mine": F.mine, "mine_plus": F.mine_plus, "bpr": F.bpr, "bce": F.bce, "ccl": F.ccl,
+}
+def recbole_compat() -> None:
+    """Add the NumPy aliases and the SciPy method RecBole 1.2.1 uses, where they are missing (never replaces)."""
+    import numpy as np
+
+    for old, new in (("float_", "float64"), ("complex_", "complex128"), ("unicode_", "str_")):
+        if old not in np.__dict__:
+            setattr(np, old, getattr(np, new))
+    try:
+        from scipy.sparse import dok_matrix
+    except ImportError:  # pragma: no cover - scipy comes with RecBole
+        return
+    if not hasattr(dok_matrix, "_update"):
+        dok_matrix._update = lambda self, data: self._dict.update(data)
+
+
+recbole_compat()
+
+CONTRASTIVE = ("infonce", "infonce_plus", "dcl", "mine", "mine_plus")
+NEGATIVE_SOURCES = ("interaction", "uniform", "popularity", "in_batch")
+
+
+@dataclass
+class Rows:
+    """What a model's loss is computed from: R query rows against an item table."""
+
+    query: Tensor  # [R, d]
+    table: Tensor  # [I, d]
+    target: Tensor  # [R] ids into ``table``
+    neg: Tensor | None  # [R, K] the dataloader's negatives, if any
+    weight: Tensor | None = None  # [R]; 0 = a padded row
+    extra: Tensor | float = 0.0  # the model's own regularisers, added as it adds them
+
+
+def _neg(model: nn.Module, interaction: Any, field: str) -> Tensor | None:
+    name = getattr(model, field, None)
+    return interaction[name] if name is not None and name in interaction else None
+
+
+def _seq_rows(model: nn.Module, interaction: Any, query: Tensor, extra: Tensor | float = 0.0) -> Rows:
+    neg = _neg(model, interaction, "NEG_ITEM_ID")
+    return Rows(query, model.item_embedding.weight, interaction[model.POS_ITEM_ID],
+                None if neg is None else neg.reshape(query.shape[0], -1), extra=extra)
+
+
+def _standard(model: nn.Module, it: Any) -> Rows:
+    return _seq_rows(model, it, model.forward(it[model.ITEM_SEQ], it[model.ITEM_SEQ_LEN]))
+
+
+def _gcsan(model: nn.Module, it: Any) -> Rows:
+    rows = _standard(model, it)
+    rows.extra = model.reg_weight * model.reg_loss(model.item_embedding.weight)
+    return rows
+
+
+def _caser(model: nn.Module, it: Any) -> Rows:
+    reg = model.reg_loss([model.user_embedding.weight, model.item_embedding.weight, model.conv_v.weight,
+                          model.fc1.weight, model.fc2.weight])
+    query = model.forward(it[model.USER_ID], it[model.ITEM_SEQ])
+    return _seq_rows(model, it, query, model.reg_weight * reg + model.reg_loss_conv_h())
+
+
+def _nextitnet(model: nn.Module, it: Any) -> Rows:
+    reg = model.reg_loss([model.item_embedding.weight, model.final_layer.weight])
+    return _seq_rows(model, it, model.forward(it[model.ITEM_SEQ]), model.reg_weight * reg + model.reg_loss_rb())
+
+
+def _bert4rec(model: nn.Module, it: Any) -> Rows:
+    """BERT4Rec: the masked positions only; its output bias rides along as one more feature."""
+    seq, masked_index = it[model.MASK_ITEM_SEQ], it[model.MASK_INDEX]
+    hidden = model.forward(seq)  # [B, L, H]
+    pick = model.multi_hot_embed(masked_index, seq.size(-1)).view(masked_index.size(0), masked_index.size(1), -1)
+    query = torch.bmm(pick, hidden).reshape(-1, hidden.size(-1))  # [B·mask_len, H]
+    table = model.item_embedding.weight[: model.n_items]
+    query = torch.cat([query, query.new_ones(query.shape[0], 1)], dim=1)
+    table = torch.cat([table, model.output_bias[:, None].to(table.dtype)], dim=1)
+    neg = it[model.NEG_ITEMS].reshape(-1, 1) if model.NEG_ITEMS in it else None
+    return Rows(query, table, it[model.POS_ITEMS].reshape(-1), neg, (masked_index > 0).reshape(-1).to(query.dtype))
+
+
+def _bpr(model: nn.Module, it: Any) -> Rows:
+    neg = _neg(model, it, "NEG_ITEM_ID")
+    return Rows(model.get_user_embedding(it[model.USER_ID]), model.item_embedding.weight, it[model.ITEM_ID],
+                None if neg is None else neg.reshape(-1, 1))
+
+
+def _lightgcn(model: nn.Module, it: Any) -> Rows:
+    model.restore_user_e = model.restore_item_e = None  # as its calculate_loss does: clear the eval cache
+    user, pos = it[model.USER_ID], it[model.ITEM_ID]
+    neg = _neg(model, it, "NEG_ITEM_ID")
+    users_all, items_all = model.forward()
+    ego = [model.user_embedding(user), model.item_embedding(pos)]
+    if neg is not None:
+        ego.append(model.item_embedding(neg))
+    reg = model.reg_weight * model.reg_loss(*ego, require_pow=model.require_pow)
+    return Rows(users_all[user], items_all, pos, None if neg is None else neg.reshape(-1, 1), extra=reg)
+
+
+SEQUENTIAL: dict[str, Callable[[nn.Module, Any], Rows]] = {
+    **dict.fromkeys(("SASRec", "GRU4Rec", "NARM", "STAMP", "LightSANs", "SASRecF", "GRU4RecF", "FDSA", "SRGNN"),
+                    _standard),
+    "GCSAN": _gcsan, "Caser": _caser, "NextItNet": _nextitnet, "BERT4Rec": _bert4rec,
+}
+GENERAL: dict[str, Callable[[nn.Module, Any], Rows]] = {"BPR": _bpr, "LightGCN": _lightgcn}
+
+
+def count_items(dataset: Any) -> Tensor:
+    """Interactions per item id ``[item_num]`` of a RecBole ``Dataset`` (for ``negatives='popularity'``)."""
+    ids = torch.as_tensor(dataset.inter_feat[dataset.iid_field]).reshape(-1).long()
+    return torch.bincount(ids, minlength=dataset.item_num)
+
+
+class FastRecLoss:
+    """The ``calculate_loss`` that :func:`use_fastrecloss` installs (callable on an ``Interaction``)."""
+
+    def __init__(self, model: nn.Module, loss: str, rows: Callable[[nn.Module, Any], Rows], negatives: str | None,
+                 num_negatives: int, item_counts: Tensor | None, logq_correction: bool | None,
+                 generator: torch.Generator | None, loss_kwargs: dict[str, Any]) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
+        if loss == "softmax_ce" and negatives is not None:
+            raise ValueError("loss='softmax_ce' scores the whole catalogue: pass no negatives")
+        if loss != "softmax_ce" and negatives not in NEGATIVE_SOURCES:
+            raise ValueError(f"negatives must be one of {', '.join(map(repr, NEGATIVE_SOURCES))}, got {negatives!r}")
+        for key in ("weight", "reduction", "neg_idx", "pos_idx", "in_batch", "log_q", "pos_log_q"):
+            if key in loss_kwargs:
+                raise ValueError(f"use_fastrecloss sets {key} itself; it is not a loss keyword here")
+        self.model, self.loss, self.rows, self.negatives = model, loss, rows, negatives
+        self.item_counts = item_counts
+        self.correct = loss in CONTRASTIVE if logq_correction is None else bool(logq_correction)
+        self.sampler: PoolSampler | None = None
+        if negatives in ("uniform", "popularity"):
+            self.sampler = PoolSampler(self._num_items(), num_negatives, negatives, low=1, item_counts=item_counts,
+                                       generator=generator)
+        self.loss_kwargs = loss_kwargs
+
+    def _num_items(self) -> int:
+        return int(self.model.n_items)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.loss_kwargs.items())
+        return f"FastRecLoss(loss={self.loss!r}, negatives={self.negatives!r}{extra})"
+
+    def __call__(self, interaction: Any) -> Tensor:
+        r = self.rows(self.model, interaction)
+        fn, kw = LOSSES[self.loss], dict(self.loss_kwargs, weight=r.weight)
+        if self.loss == "softmax_ce":
+            return fn(r.query, r.table, r.target, **kw) + r.extra
+        if self.negatives == "interaction":
+            if r.neg is None:
+                raise ValueError("negatives='interaction' needs the dataloader's negatives (train_neg_sample_args "
+                                 "in the RecBole config); or use negatives='uniform'/'popularity'/'in_batch'")
+            return fn(r.query, None, r.table, pos_idx=r.target, neg_idx=r.neg, **kw) + r.extra
+        pos = r.table[r.target]
+        if self.negatives == "in_batch":
+            if self.correct and self.item_counts is not None:
+                freq = self.item_counts.to(r.query.device, torch.float64)
+                kw["log_q"] = (freq[r.target] / freq.sum() * r.target.numel()).log().to(r.query.dtype)
+            if r.weight is not None:  # a padded row's positive is no negative of the others either
+                kw["neg_mask"] = r.weight == 0
+            return fn(r.query, pos, None, in_batch=True, pos_ids=r.target, remove_accidental_hits=True, **kw) + r.extra
+        ids, log_q = self.sampler.draw(r.query.device)
+        if self.correct:
+            kw.update(log_q=log_q.to(r.query.dtype), pos_log_q=self.sampler.log_q(r.target).to(r.query.dtype))
+        return fn(r.query, pos, r.table[ids], pos_ids=r.target, neg_ids=ids, remove_accidental_hits=True,
+                  **kw) + r.extra
+
+
+def use_fastrecloss(model: nn.Module, loss: str = "softmax_ce", *, negatives: str | None = None,
+                    num_negatives: int = 256, item_counts: Tensor | Any | None = None,
+                    logq_correction: bool | None = None, generator: torch.Generator | None = None,
+                    rows: Callable[[nn.Module, Any], Rows] | None = None, **loss_kwargs: Any) -> nn.Module:
+    """Make ``model.calculate_loss`` compute ``loss`` with fastrecloss; returns the model.
+
+    ``loss``: one of ``LOSSES``; ``loss_kwargs`` go to it (``temperature``, ``lam``, ``beta``,
+    ``backend`` ...). ``negatives``: ``NEGATIVE_SOURCES`` (default ``'interaction'`` for general
+    models, ``'uniform'`` for sequential ones; none for ``softmax_ce``). ``item_counts``: a
+    ``[n_items]`` tensor or a RecBole ``Dataset`` (popularity sampling, in-batch logQ).
+    ``rows``: for a model not in ``SEQUENTIAL``/``GENERAL``, a function ``(model, interaction)
+    -> Rows`` that takes the query, table and target as that model's ``calculate_loss`` does.
+    """
+    name = type(model).__name__
+    found = rows or SEQUENTIAL.get(name) or GENERAL.get(name)
+    if found is None:
+        raise ValueError(f"use_fastrecloss does not know how {name} computes its loss; supported: "
+                         f"{', '.join([*SEQUENTIAL, *GENERAL])}, or pass rows=(model, interaction) -> Rows")
+    if name in SEQUENTIAL and getattr(model, "loss_type", "CE") not in ("CE", "BPR"):
+        raise ValueError(f"{name} has loss_type {model.loss_type!r}; expected 'CE' or 'BPR'")
+    if loss != "softmax_ce" and negatives is None:
+        negatives = "interaction" if name in GENERAL else "uniform"
+    if item_counts is not None and not isinstance(item_counts, Tensor):
+        item_counts = count_items(item_counts)
+    model.calculate_loss = FastRecLoss(model, loss, found, negatives, num_negatives, item_counts, logq_correction,
+                                       generator, loss_kwargs)
+    return model
+
+
+def restore_loss(model: nn.Module) -> nn.Module:
+    """Undo :func:`use_fastrecloss`: the model's class ``calculate_loss`` is used again."""
+    if isinstance(model.__dict__.get("calculate_loss"), FastRecLoss):
+        del model.calculate_loss
+    return model

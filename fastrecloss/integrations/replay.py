@@ -1,0 +1,214 @@
+"""``LossProto``-compatible losses for RePlay's ``replay.nn`` models, computed by fastrecloss.
+
+    from fastrecloss.integrations import replay as frl
+    model = SasRec(body=body, loss=frl.CE(ignore_index=padding_value))   # instead of replay.nn.loss.CE
+    model = SasRec(body=body, loss=frl.CESampled())                       # negatives from the batch
+
+Same constructors, same ``forward(model_embeddings, feature_tensors, positive_labels,
+negative_labels, padding_mask, target_padding_mask)`` and the same conventions as
+``replay.nn.loss``: ``target_padding_mask`` [B, L, P] is True for a *real* target (fastrecloss's
+``padding_mask`` is the opposite), negatives are ``[N]`` (shared by the batch), ``[B, N]`` or
+``[B, L, N]``, a negative equal to ``negative_labels_ignore_index`` (−100) is dropped and one equal
+to a positive of its row (an accidental hit) is excluded. What differs is that no [B, L, I] or
+[R, N] logit tensor is built: the item table is read from the model (``get_item_weights`` of a
+SasRec's embedder, the item tower of a TwoTower, or ``item_weights_callback``) and handed to a
+fused loss. ``CE``/``CEWeighted``/``CESampled``/``BCE``/``BCESampled`` match RePlay's values and
+gradients (tests/test_integrations_replay.py); ``BCESampled`` computes log σ exactly (RePlay's
+with ``log_epsilon=0``, no clamp needed) and takes ``beta`` for gBCE (gSASRec).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+
+__all__ = ["CE", "CEWeighted", "CESampled", "BCE", "BCESampled"]
+
+
+class _ReplayLoss(nn.Module):
+    """``logits_callback`` as RePlay's losses hold it, plus the item table behind it."""
+
+    backend: str = "auto"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logits_callback: Callable | None = None
+        self.item_weights_callback: Callable[[], Tensor] | None = None
+
+    @property
+    def logits_callback(self) -> Callable[[Tensor, Tensor | None], Tensor]:
+        if self._logits_callback is None:
+            raise AttributeError("The callback for getting logits is not defined")
+        return self._logits_callback
+
+    @logits_callback.setter
+    def logits_callback(self, func: Callable | None) -> None:
+        self._logits_callback = func
+
+    def item_table(self) -> Tensor:
+        """[I, d] item vectors whose dot product with the hidden state is the model's logit."""
+        if self.item_weights_callback is not None:
+            return self.item_weights_callback()
+        owner = getattr(self._logits_callback, "__self__", None)
+        body = getattr(owner, "body", None)
+        head = type(getattr(owner, "head", None)).__name__
+        if head == "EmbeddingTyingHead" and hasattr(getattr(body, "embedder", None), "get_item_weights"):
+            return body.embedder.get_item_weights(None)
+        if head == "EmbeddingTyingHead" and hasattr(body, "item_tower"):
+            return body.item_tower(None)
+        raise TypeError("cannot find the item table behind logits_callback (a SasRec/TwoTower get_logits with an "
+                        "EmbeddingTyingHead); set loss.item_weights_callback = lambda: table [I, d]")
+
+
+def _ce_kwargs(kwargs: dict[str, Any]) -> tuple[str, int, float]:
+    """The ``torch.nn.CrossEntropyLoss`` keywords RePlay passes through, checked."""
+    unknown = set(kwargs) - {"ignore_index", "reduction", "label_smoothing", "weight"}
+    if unknown or kwargs.get("weight") is not None:
+        raise ValueError(f"unsupported CrossEntropyLoss keyword(s) {sorted(unknown)} (class weights are not "
+                         "supported; use CEWeighted for per-target weights)")
+    reduction = kwargs.get("reduction", "mean")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduction, int(kwargs.get("ignore_index", -100)), float(kwargs.get("label_smoothing", 0.0))
+
+
+def _single_positive(positive_labels: Tensor, name: str) -> None:
+    if positive_labels.dim() != 3 or positive_labels.size(-1) != 1:
+        raise NotImplementedError(f"{name}: positive_labels must be [B, L, 1] (multi-positive labels are not "
+                                  f"supported in the {name} loss), got {tuple(positive_labels.shape)}")
+
+
+class CE(_ReplayLoss):
+    """Full-catalogue cross-entropy (``replay.nn.loss.CE``), never building the [B, L, I] logits.
+
+    Takes ``torch.nn.CrossEntropyLoss``'s ``ignore_index``, ``reduction`` and ``label_smoothing``
+    (not class weights), and ``backend`` (fastrecloss's)."""
+
+    def __init__(self, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__()
+        self.backend = backend
+        self.reduction, self.ignore_index, self.label_smoothing = _ce_kwargs(kwargs)
+
+    def _loss(self, model_embeddings: Tensor, positive_labels: Tensor, target_padding_mask: Tensor,
+              reduction: str, weight: Tensor | None = None) -> Tensor:
+        _single_positive(positive_labels, type(self).__name__)
+        labels = positive_labels.masked_fill(~target_padding_mask, self.ignore_index).reshape(-1)
+        q = model_embeddings.reshape(-1, model_embeddings.size(-1))
+        return F.softmax_ce(q, self.item_table(), labels, ignore_index=self.ignore_index, weight=weight,
+                            label_smoothing=self.label_smoothing, reduction=reduction, backend=self.backend)
+
+    def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
+                negative_labels: Tensor | None, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
+        return self._loss(model_embeddings, positive_labels, target_padding_mask, self.reduction)
+
+
+class CEWeighted(CE):
+    """``replay.nn.loss.CEWeighted``: CE weighted by ``feature_tensors[feature_name]`` [B, L, 1]."""
+
+    def __init__(self, feature_name: str, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(backend, **kwargs)
+        self.feature_name = feature_name
+
+    def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
+                negative_labels: Tensor | None, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
+        sample_weight = feature_tensors[self.feature_name].reshape(-1).to(model_embeddings.dtype)
+        total = self._loss(model_embeddings, positive_labels, target_padding_mask, "sum", sample_weight)
+        return total / sample_weight.sum().clamp_min(1e-8)  # RePlay's weighted_mean: padded rows' weights count
+
+
+class _Sampled(_ReplayLoss):
+    """Rows = the real targets (b, l, p); negatives [N] | [B, N] | [B, L, N] with RePlay's masking."""
+
+    def __init__(self, negative_labels_ignore_index: int = -100, backend: str = "auto") -> None:
+        super().__init__()
+        self.negative_labels_ignore_index = negative_labels_ignore_index
+        self.backend = backend
+
+    def _call(self, fn: Callable[..., Tensor], model_embeddings: Tensor, positive_labels: Tensor,
+              negative_labels: Tensor, target_padding_mask: Tensor, reduction: str, **extra: Any) -> Tensor:
+        B, L, P = positive_labels.shape
+        if tuple(target_padding_mask.shape) != (B, L, P):
+            raise ValueError(f"target_padding_mask must have positive_labels' shape {(B, L, P)}, "
+                             f"got {tuple(target_padding_mask.shape)}")
+        d, N = model_embeddings.size(-1), negative_labels.size(-1)
+        q = model_embeddings.unsqueeze(2).expand(B, L, P, d).reshape(-1, d)
+        keep = target_padding_mask.reshape(-1)
+        ignore = self.negative_labels_ignore_index
+        pos = positive_labels.reshape(-1).masked_fill(~keep, ignore)  # a padded target is an ignored row
+        table = self.item_table()
+        if negative_labels.dim() == 1:  # one pool for the whole batch: the shared layout
+            ignored = negative_labels == ignore
+            safe = negative_labels.masked_fill(ignored, 0)
+            kw: dict[str, Any] = dict(neg=table[safe], pos=table[pos.masked_fill(~keep, 0)], weight=keep.to(q.dtype))
+            if P == 1:
+                kw.update(neg_mask=ignored, pos_ids=pos, neg_ids=safe, remove_accidental_hits=True)
+            else:  # a negative equal to any of the position's P labels is excluded, as RePlay does
+                hits = (positive_labels[..., None] == negative_labels).any(2)  # [B, L, N]
+                kw["neg_mask"] = (hits[:, :, None, :] | ignored).expand(B, L, P, N).reshape(-1, N)
+        else:  # per-row negatives: the indexed layout; ``ignore_index`` drops the padded ones
+            if negative_labels.dim() == 2:
+                negative_labels = negative_labels[:, None, :].expand(B, L, N)
+            kw = dict(neg=table, pos=None, pos_idx=pos, remove_accidental_hits=P == 1,
+                      neg_idx=negative_labels[:, :, None, :].expand(B, L, P, N).reshape(-1, N))
+            if P > 1:
+                hits = (positive_labels[..., None] == negative_labels[:, :, None, :]).any(2)  # [B, L, N]
+                kw["neg_mask"] = hits[:, :, None, :].expand(B, L, P, N).reshape(-1, N)
+        out = fn(q, kw.pop("pos"), kw.pop("neg"), reduction=reduction, ignore_index=ignore, backend=self.backend,
+                 **kw, **extra)
+        return out[keep] if reduction == "none" else out
+
+
+class CESampled(_Sampled):
+    """``replay.nn.loss.CESampled``: CE over [positive, sampled negatives] (InfoNCE with ε = 1)."""
+
+    def __init__(self, negative_labels_ignore_index: int = -100, backend: str = "auto", **kwargs: Any) -> None:
+        super().__init__(negative_labels_ignore_index, backend)
+        # CrossEntropyLoss keywords: its ignore_index never applies (the target is column 0)
+        self.reduction, _, smoothing = _ce_kwargs(kwargs)
+        if smoothing:
+            raise ValueError("label_smoothing is not supported by CESampled")
+
+    def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
+                negative_labels: Tensor, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
+        return self._call(F.infonce, model_embeddings, positive_labels, negative_labels, target_padding_mask,
+                          self.reduction)
+
+
+class BCE(_ReplayLoss):
+    """``replay.nn.loss.BCE``: binary CE of every catalogue item, summed, averaged over the real targets."""
+
+    def __init__(self, backend: str = "auto", beta: float = 1.0, **kwargs: Any) -> None:
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"unsupported BCEWithLogitsLoss keyword(s) {sorted(kwargs)}")
+        self.backend, self.beta = backend, beta
+
+    def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
+                negative_labels: Tensor | None, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
+        _single_positive(positive_labels, "BCE")
+        table = self.item_table()
+        q = model_embeddings.reshape(-1, model_embeddings.size(-1))
+        ids = torch.arange(table.size(0), device=q.device)
+        pos = positive_labels.reshape(-1).masked_fill(~target_padding_mask.reshape(-1), -100)  # padded: ignored
+        return F.bce(q, None, table, pos_idx=pos, neg_ids=ids, remove_accidental_hits=True, beta=self.beta,
+                     neg_reduction="sum", backend=self.backend)
+
+
+class BCESampled(_Sampled):
+    """``replay.nn.loss.BCESampled``; ``beta`` ≠ 1 is gBCE (gSASRec). log σ is exact, so ``log_epsilon``
+    and ``clamp_border`` (RePlay's guards for its log(σ + ε)) are accepted and have no effect."""
+
+    def __init__(self, log_epsilon: float = 1e-6, clamp_border: float = 100.0, negative_labels_ignore_index: int = -100,
+                 beta: float = 1.0, backend: str = "auto") -> None:
+        super().__init__(negative_labels_ignore_index, backend)
+        self.log_epsilon, self.clamp_border, self.beta = log_epsilon, clamp_border, beta
+
+    def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
+                negative_labels: Tensor, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
+        return self._call(F.bce, model_embeddings, positive_labels, negative_labels, target_padding_mask, "mean",
+                          beta=self.beta, neg_reduction="sum")
