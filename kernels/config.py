@@ -103,19 +103,25 @@ AOT_DTYPES = (torch.bfloat16, torch.float32)
 AOT_N = (8, 1024)
 
 
-# Full-ranking kernel (``kernels/ranking.py``). Rank mode streams the catalogue with the shared
-# layout's tile; top-k mode keeps the best BLOCK_N = :data:`TOPK_WIDTHS` bucket of keys per row
-# (int64, two registers each) and sorts tiles of that width, so its rows shrink as the width grows.
+# Full-ranking kernel (``kernels/ranking.py``): rank mode takes the shared layout's tile; top-k mode
+# streams 32-item tiles and keeps
+# K_PAD = the :data:`TOPK_WIDTHS` bucket of k int64 keys per row (two registers each) over 8 warps,
+# in 16-row blocks (the ``tl.dot`` minimum) for the wide bucket and for fp32 inputs (3×TF32 operands),
+# else 32 — the largest blocks that compiled without spills.
 TOPK_WIDTHS = (64, 256)
 MAX_TOPK = TOPK_WIDTHS[-1]
 
 
+def topk_width(k: int) -> int:
+    if not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"backend='triton' supports 1 <= k <= {MAX_TOPK} for topk, got k = {k}; use backend='torch'")
+    return next(w for w in TOPK_WIDTHS if k <= w)
+
+
 def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConfig:
-    """Tile of :func:`kernels.ranking.ranking_kernel`: the rank count (``k`` None) or a top-k."""
+    """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k."""
     cfg = shared_config(d, dtype)
     if k is None:
         return cfg
-    if not 1 <= k <= MAX_TOPK:
-        raise ValueError(f"backend='triton' supports 1 <= k <= {MAX_TOPK} for topk, got k = {k}; use backend='torch'")
-    width = next(w for w in TOPK_WIDTHS if k <= w)
-    return TileConfig(16 if width > 64 or cfg.block_d > 64 else 32, width, cfg.block_d, 8 if width > 64 else 4)
+    block_r = 16 if _wide(dtype) or topk_width(k) > 64 else 32
+    return TileConfig(block_r, 32, cfg.block_d, 8)

@@ -8,11 +8,12 @@ keeps per row depends on ``TOPK``:
   excluded : s_rj > s_rt} (``TIES_BY_INDEX`` also counts s_rj = s_rt with j < t_r, the position in a
   stable descending sort). The target's own score comes from the same ``mm`` as every tile, so a
   tie with an identical item is a tie here too.
-* top-k (``TOPK = True``): the row's best ``BLOCK_N`` items as int64 keys (:func:`rank_key`: the
+* top-k (``TOPK = True``): the row's best ``K_PAD`` items as int64 keys (:func:`rank_key`: the
   score's order-preserving bits above the inverted item id, so one integer order is "score
-  descending, then id ascending"), kept sorted; each tile is sorted and folded in by a bitonic
-  merge (the elementwise max of the descending running list and the ascending tile holds the best
-  ``BLOCK_N`` of their union), then sorted again.
+  descending, then id ascending"; every key is distinct), unsorted, and their minimum. A tile's
+  keys above that minimum are inserted one at a time, each replacing the current minimum, so a
+  tile costs one max-reduction when nothing enters (the common case once the list has filled) and
+  one more step per entering item. No sorting network: the launcher sorts the [R, K_PAD] keys.
 
 Excluded items (a row's history) come as sorted CSR lists; each row keeps a cursor into its list
 and, per tile, a short loop masks the entries that fall inside the tile (as many steps as the
@@ -53,14 +54,30 @@ def exclude_tile(keep, cols64, hi, nxt, ex_pos, ex_end, EX_IDX, n_items):
 
 
 @triton.jit
+def insert_tile(best, worst, keys, K_PAD: tl.constexpr):
+    """Fold a tile of keys [rows, items] into the unsorted best lists [rows, K_PAD] and their minima."""
+    offs_k = tl.arange(0, K_PAD)
+    cand = tl.where(keys > worst[:, None], keys, EMPTY_KEY)
+    top = tl.max(cand, 1)
+    while tl.max((top > worst).to(tl.int32), 0) > 0:
+        slot = tl.argmin(best, 1)
+        enter = (top > worst)[:, None] & (offs_k[None, :] == slot[:, None])
+        best = tl.where(enter, top[:, None], best)
+        cand = tl.where(cand == top[:, None], EMPTY_KEY, cand)
+        worst = tl.min(best, 1)
+        top = tl.max(cand, 1)
+    return best, worst
+
+
+@triton.jit
 def ranking_kernel(
     Q, TABLE, TARGET, EX_PTR, EX_IDX, OUT_RANK, OUT_KEYS,
     R, N_ITEMS, d, stride_qr, stride_qd, stride_tr, stride_td, inv_tau,
     TOPK: tl.constexpr, HAS_EX: tl.constexpr, TIES_BY_INDEX: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr,
-    EMULATE_DOT: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr,
 ):
-    """Rows of one block against all N_ITEMS items: the target's rank [R] or the top-BLOCK_N keys [R, BLOCK_N]."""
+    """Rows of one block against all N_ITEMS items: the target's rank [R] or the top-K_PAD keys [R, K_PAD]."""
     rows64, rmask, offs_d64, dmask, q = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     target = tl.zeros([BLOCK_R], dtype=tl.int64) - 1
@@ -80,7 +97,8 @@ def ranking_kernel(
         ex_end = tl.load(EX_PTR + rows64 + 1, mask=rmask, other=0)
         nxt = tl.load(EX_IDX + ex_pos, mask=ex_pos < ex_end, other=N_ITEMS)
     cnt = tl.zeros([BLOCK_R], dtype=tl.int64)
-    best = tl.full([BLOCK_R, BLOCK_N], EMPTY_KEY, tl.int64)
+    best = tl.full([BLOCK_R, K_PAD], EMPTY_KEY, tl.int64)
+    worst = tl.full([BLOCK_R], EMPTY_KEY, tl.int64)
     for n0 in range(0, N_ITEMS, BLOCK_N):
         cols64 = n0 + offs_n.to(tl.int64)
         cmask = cols64 < N_ITEMS
@@ -92,14 +110,14 @@ def ranking_kernel(
             keep, nxt, ex_pos = exclude_tile(keep, cols64, tl.minimum(n0 + BLOCK_N, N_ITEMS), nxt, ex_pos,
                                                ex_end, EX_IDX, N_ITEMS)
         if TOPK:
-            keys = tl.where(keep, rank_key(s, cols64[None, :]), EMPTY_KEY)
-            best = tl.sort(tl.maximum(best, tl.sort(keys, 1)), 1, descending=True)
+            best, worst = insert_tile(best, worst, tl.where(keep, rank_key(s, cols64[None, :]), EMPTY_KEY), K_PAD)
         else:
             ahead = s > s_t[:, None]
             if TIES_BY_INDEX:
                 ahead |= (s == s_t[:, None]) & (cols64[None, :] < target[:, None])
             cnt += tl.sum((keep & ahead).to(tl.int64), 1)
     if TOPK:
-        tl.store(OUT_KEYS + rows64[:, None] * BLOCK_N + offs_n[None, :], best, mask=rmask[:, None])
+        offs_k = tl.arange(0, K_PAD)
+        tl.store(OUT_KEYS + rows64[:, None] * K_PAD + offs_k[None, :], best, mask=rmask[:, None])
     else:
         tl.store(OUT_RANK + rows64, cnt, mask=rmask)

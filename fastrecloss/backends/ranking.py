@@ -67,8 +67,8 @@ def rank_key(s: Tensor, cols: Tensor) -> Tensor:
 
 
 def decode_keys(keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(scores fp32, ids int64) of the first k keys; −inf scores (no item) get id −1."""
-    keys = keys[:, :k]
+    """(scores fp32, ids int64) of the k best keys of each row; −inf scores (no item) get id −1."""
+    keys = torch.sort(keys, dim=1, descending=True).values[:, :k]
     ordered = (keys >> 32).to(torch.int32)
     scores = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
     ids = _LOW - (keys & _LOW)
@@ -103,6 +103,8 @@ def reference_rank(p: RankProblem) -> Tensor:
 
 def reference_topk(p: RankProblem) -> tuple[Tensor, Tensor]:
     _, masked = _reference_scores(p)
+    if p.k > p.num_items:  # fewer items than k: the rest of the list is "no item"
+        masked = torch.cat([masked, masked.new_full((p.R, p.k - p.num_items), -math.inf)], dim=1)
     values, ids = torch.sort(masked.to(torch.float32), dim=1, descending=True, stable=True)
     values, ids = values[:, : p.k], ids[:, : p.k]
     return values, ids.masked_fill(values == -math.inf, -1)
@@ -189,7 +191,7 @@ def plan(p: RankProblem, emulate_dot: bool):
     import triton
     import triton.language as tl
 
-    from ..kernels.config import ranking_config
+    from ..kernels.config import ranking_config, topk_width
     from ..kernels.ranking import ranking_kernel
     from .triton_plan import _DOT_DTYPES, Launch, _bind
 
@@ -197,12 +199,13 @@ def plan(p: RankProblem, emulate_dot: bool):
     dev = p.query.device
     topk = p.k is not None
     rank = torch.empty(p.R, dtype=torch.int64, device=dev) if not topk else None
-    keys = torch.empty(p.R, cfg.block_n, dtype=torch.int64, device=dev) if topk else None
+    width = topk_width(p.k) if topk else 1
+    keys = torch.empty(p.R, width, dtype=torch.int64, device=dev) if topk else None
     args = dict(Q=p.query, TABLE=p.table, TARGET=p.target, EX_PTR=p.ex_ptr, EX_IDX=p.ex_idx, OUT_RANK=rank,
                 OUT_KEYS=keys, R=p.R, N_ITEMS=p.num_items, d=p.query.shape[1], stride_qr=p.query.stride(0),
                 stride_qd=p.query.stride(1), stride_tr=p.table.stride(0), stride_td=p.table.stride(1),
-                inv_tau=1.0 / p.temperature, TOPK=topk, HAS_EX=p.ex_idx is not None,
-                TIES_BY_INDEX=p.ties_by_index, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                inv_tau=1.0 / p.temperature, TOPK=topk, HAS_EX=p.ex_idx is not None, TIES_BY_INDEX=p.ties_by_index,
+                K_PAD=width, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                 DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), EMULATE_DOT=emulate_dot)
     launch = Launch(ranking_kernel, (max(1, triton.cdiv(p.R, cfg.block_r)),), _bind(ranking_kernel, args), cfg)
     return launch, (rank if not topk else keys)
@@ -225,3 +228,25 @@ def triton_rank(p: RankProblem) -> Tensor:
 
 def triton_topk(p: RankProblem) -> tuple[Tensor, Tensor]:
     return decode_keys(_run_triton(p), p.k)
+
+
+def aot_cases() -> list[tuple[str, list]]:
+    """(label, [launch]) of every configuration ``kernels.config.ranking_config`` gives for the AOT shapes,
+    planned on meta tensors with exclusions on (for ``fastrecloss/backends/triton_aot.py``)."""
+    from ..kernels.config import AOT_D, AOT_DTYPES, TOPK_WIDTHS, max_d
+
+    R, n_items, nnz = 256, 4096, 1024
+    out = []
+    for d in AOT_D:
+        for dtype in AOT_DTYPES:
+            if d > max_d("shared", dtype):
+                continue
+            for k in (None, *TOPK_WIDTHS):
+                meta = {"device": "meta"}
+                p = RankProblem(torch.empty(R, d, dtype=dtype, **meta), torch.empty(n_items, d, dtype=dtype, **meta),
+                                torch.empty(R, dtype=torch.int64, **meta) if k is None else None,
+                                torch.empty(R + 1, dtype=torch.int64, **meta),
+                                torch.empty(nnz, dtype=torch.int64, **meta), 0.5, k is None, k)
+                name = "rank" if k is None else f"topk k={k}"
+                out.append((f"ranking {name} {str(dtype).removeprefix('torch.')} d={d}", [plan(p, False)[0]]))
+    return out
