@@ -66,11 +66,16 @@ def rank_key(s: Tensor, cols: Tensor) -> Tensor:
     return (ordered.to(torch.int64) << 32) | (_LOW - cols)
 
 
+def key_scores(keys: Tensor) -> Tensor:
+    """The fp32 scores of :func:`rank_key` keys."""
+    ordered = (keys >> 32).to(torch.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
 def decode_keys(keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(scores fp32, ids int64) of the k best keys of each row; −inf scores (no item) get id −1."""
     keys = torch.sort(keys, dim=1, descending=True).values[:, :k]
-    ordered = (keys >> 32).to(torch.int32)
-    scores = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    scores = key_scores(keys)
     ids = _LOW - (keys & _LOW)
     empty = (keys == -(2**63)) | (scores == -math.inf)
     return scores.masked_fill(empty, -math.inf), ids.masked_fill(empty, -1)
@@ -137,7 +142,8 @@ def _chunks(p: RankProblem, acc: torch.dtype) -> Iterator[tuple[int, int, Tensor
         for t, t0 in enumerate(range(0, p.num_items, width)):
             t1 = min(p.num_items, t0 + width)
             s = torch.mm(q, p.table[t0:t1].to(acc).T, out=buf[: (r1 - r0) * (t1 - t0)].view(r1 - r0, t1 - t0))
-            s.mul_(1.0 / p.temperature)
+            if p.temperature != 1.0:
+                s.mul_(1.0 / p.temperature)
             if ex is not None and ex[2][t + 1] > ex[2][t]:
                 part = slice(ex[2][t], ex[2][t + 1])
                 s[ex[0][part], ex[1][part] - t0] = -math.inf
@@ -173,6 +179,9 @@ def torch_topk(p: RankProblem) -> tuple[Tensor, Tensor]:
     for *_, q, tiles in _chunks(p, torch.float32):
         best = torch.full((q.shape[0], 0), -(2**63), dtype=torch.int64, device=q.device)
         for s, cols in tiles:
+            if best.shape[1] == p.k:  # only the items that can enter some row's list: score ≥ its k-th best
+                hot = (s >= key_scores(best[:, -1:])).any(dim=0)
+                s, cols = s[:, hot], cols[hot]
             cand = torch.cat([best, rank_key(s, cols)], dim=1)
             best = torch.topk(cand, min(p.k, cand.shape[1]), dim=1).values
         chunks.append(best)
