@@ -79,13 +79,30 @@ def measure(method: str, R: int, n_items: int, d: int, history: int, chunk: int)
             "peak_extra_mib": round(peak, 1), "threads": torch.get_num_threads()}
 
 
-def measure_isolated(method: str, **kw) -> dict:
+def run_isolated(module: str, spec: dict) -> dict:
+    """``python -m module --one SPEC`` in a fresh process (freed memory goes back to the OS): its JSON row."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    cmd = [sys.executable, "-m", "fastrecloss.benchmark.ranking", "--one", json.dumps({"method": method, **kw})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", module, "--one", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
-        return {"method": method, **kw, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        return {**spec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def collect(module: str, specs: list[dict], out: Path | None) -> list[dict]:
+    """Each spec measured by :func:`run_isolated`, printed as a JSON line and written to OUT/results.csv."""
+    rows = []
+    for spec in specs:
+        rows.append(run_isolated(module, spec))
+        print(json.dumps(rows[-1]), flush=True)
+    if out is None:
+        return rows
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,22 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(spec.pop("threads"))
         print(json.dumps(measure(**spec)))
         return 0
-    rows = []
-    for method in args.methods:
-        for chunk in args.chunks if method.startswith("materialise") else args.chunks[:1]:
-            row = measure_isolated(method, R=args.rows, n_items=args.items, d=args.dim, history=args.history,
-                                   chunk=chunk, threads=args.threads)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        keys = sorted({k for r in rows for k in r})
-        with open(args.out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+    specs = [dict(method=method, R=args.rows, n_items=args.items, d=args.dim, history=args.history, chunk=chunk,
+                  threads=args.threads)
+             for method in args.methods for chunk in (args.chunks if method.startswith("materialise") else [None])]
+    collect("fastrecloss.benchmark.ranking", specs, args.out)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

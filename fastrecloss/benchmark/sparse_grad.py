@@ -10,10 +10,7 @@ warm-up, as :mod:`fastrecloss.benchmark.harness` measures it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .harness import _reset_peak, _rss_now_kib, _rss_peak_kib
+from .ranking import collect
 
 METHODS = ("dense", "sparse")
 
@@ -70,23 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one is not None:
         print(json.dumps(measure(**json.loads(args.one))))
         return 0
-    rows = []
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    for method in METHODS:
-        spec = dict(method=method, R=args.rows, n_items=args.items, d=args.dim, n_neg=args.negatives,
-                    steps=args.steps, threads=args.threads)
-        proc = subprocess.run([sys.executable, "-m", "fastrecloss.benchmark.sparse_grad", "--one", json.dumps(spec)],
-                              capture_output=True, text=True, env=env)
-        row = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
-            {**spec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            w.writeheader()
-            w.writerows(rows)
+    collect("fastrecloss.benchmark.sparse_grad", [dict(method=m, R=args.rows, n_items=args.items, d=args.dim,
+            n_neg=args.negatives, steps=args.steps, threads=args.threads) for m in METHODS], args.out)
     return 0
 
 
