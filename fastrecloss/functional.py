@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _extras, _ops
 from ._problem import BACKENDS, IGNORE_INDEX, REDUCTIONS, build_problem, check_choice, check_flag, check_weight
 from ._spec import Kind, LossSpec, acc_dtype, contrastive, neg_sum_flag
 from .backends import reference
@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 COMMON = ("temperature", "neg_idx", "pos_idx", "log_q", "pos_log_q", "pos_ids", "neg_ids", "remove_accidental_hits",
-          "neg_mask", "in_batch", "weight", "reduction", "backend", "deterministic", "ignore_index")
+          "neg_mask", "in_batch", "weight", "reduction", "backend", "deterministic", "ignore_index",
+          *_extras.OPTIONS)
 
 
 def triton_available() -> bool:
@@ -157,6 +158,12 @@ def _loss(fn: str, query: Tensor, pos: Tensor | None, neg: Tensor | None, common
             raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}; the keywords are: "
                             f"{', '.join(COMMON)}")
     spec = loss_spec(fn, **(hparams or {}))
+    if _extras.wanted(common):  # learnable τ, sparse table gradient, item bias, several positives
+        with _named(fn):
+            query, pos, neg, common = _extras.prepare(fn, query, pos, neg, common)
+            pos_idx = common.get("pos_idx")
+            if isinstance(pos_idx, Tensor) and pos_idx.dim() == 2:
+                return _extras.multi_positive(fn, spec, query, neg, common, sampled_logsumexp)
     return compute_loss(spec, query, pos, neg, _name=fn, **internal, **common)
 
 

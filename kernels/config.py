@@ -101,3 +101,27 @@ def segment_config(d: int) -> TileConfig:
 AOT_D = (16, 32, 64, 128, 256)
 AOT_DTYPES = (torch.bfloat16, torch.float32)
 AOT_N = (8, 1024)
+
+
+# Full-ranking kernel (``kernels/ranking.py``): rank mode takes the shared layout's tile (≥ 32 items); top-k mode
+# streams 32-item tiles and keeps
+# K_PAD = the :data:`TOPK_WIDTHS` bucket of k int64 keys per row (two registers each) over 8 warps,
+# in 16-row blocks (the ``tl.dot`` minimum) for the wide bucket and for fp32 inputs (3×TF32 operands),
+# else 32 — the largest blocks that compiled without spills.
+TOPK_WIDTHS = (64, 256)
+MAX_TOPK = TOPK_WIDTHS[-1]
+
+
+def topk_width(k: int) -> int:
+    if not 1 <= k <= MAX_TOPK:
+        raise ValueError(f"backend='triton' supports 1 <= k <= {MAX_TOPK} for topk, got k = {k}; use backend='torch'")
+    return next(w for w in TOPK_WIDTHS if k <= w)
+
+
+def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConfig:
+    """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k."""
+    cfg = shared_config(d, dtype)
+    if k is None:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 bytes on sm_80)
+        return TileConfig(cfg.block_r, max(cfg.block_n, 32), cfg.block_d, cfg.num_warps)
+    block_r = 16 if _wide(dtype) or topk_width(k) > 64 else 32
+    return TileConfig(block_r, 32, cfg.block_d, 8)

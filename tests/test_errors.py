@@ -41,9 +41,10 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("rows-per-row-neg", lambda: F.infonce(q, p, per_row[:3]), ValueError, "neg"),
     ("rank-neg-idx", lambda: F.infonce(q, p, table, neg_idx=idx[0]), ValueError, "neg_idx"),
     ("rows-neg-idx", lambda: F.infonce(q, p, table, neg_idx=idx[:1]), ValueError, "neg_idx"),
-    ("rank-pos-idx", lambda: F.infonce(q, None, table, neg_idx=idx, pos_idx=pidx[:, None]), ValueError,
+    # [R, P] is several positives per row (issue 14); a third axis is an error
+    ("rank-pos-idx", lambda: F.infonce(q, None, table, neg_idx=idx, pos_idx=pidx[:, None, None]), ValueError,
      "pos_idx"),
-    ("rank-target", lambda: F.softmax_ce(q, table, pidx[:, None]), ValueError, "target"),
+    ("rank-target", lambda: F.softmax_ce(q, table, pidx[:, None, None]), ValueError, "target"),
     # index out of range
     ("range-neg-idx-high", lambda: F.infonce(q, p, table, neg_idx=idx + I), ValueError, "neg_idx"),
     ("range-neg-idx-negative", lambda: F.infonce(q, p, table, neg_idx=idx - I), ValueError, "neg_idx"),
@@ -63,7 +64,9 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("tau-zero", lambda: F.infonce(q, p, neg, temperature=0.0), ValueError, "temperature"),
     ("tau-negative", lambda: F.infonce(q, p, neg, temperature=-0.1), ValueError, "temperature"),
     ("tau-nan", lambda: F.infonce(q, p, neg, temperature=float("nan")), ValueError, "temperature"),
-    ("tau-tensor", lambda: F.infonce(q, p, neg, temperature=torch.tensor(0.5)), TypeError, "temperature"),
+    # a 0-dim floating tensor is a learnable temperature (issue 14); other tensors are errors
+    ("tau-tensor", lambda: F.infonce(q, p, neg, temperature=torch.tensor([0.5])), TypeError, "temperature"),
+    ("tau-int-tensor", lambda: F.infonce(q, p, neg, temperature=torch.tensor(2)), TypeError, "temperature"),
     ("tau-inf", lambda: F.infonce(q, p, neg, temperature=float("inf")), ValueError, "temperature"),
     ("label-smoothing-above-1", lambda: F.softmax_ce(q, table, pidx, label_smoothing=1.5), ValueError,
      "label_smoothing"),

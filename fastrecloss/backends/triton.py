@@ -36,7 +36,12 @@ def interpreting() -> bool:
 
 
 def _check_device(p: Problem) -> None:
-    dev = p.query.device
+    check_tensor_device(p.query)
+
+
+def check_tensor_device(t: Tensor) -> None:
+    """CUDA tensors, or CPU tensors under the interpreter; a clear RuntimeError otherwise."""
+    dev = t.device
     if dev.type == "cuda" or (dev.type == "cpu" and interpreting()):
         return
     if dev.type == "cpu":

@@ -139,10 +139,20 @@ def _launches(kinds: tuple[str, ...], case: int) -> tuple[str, list]:
     """The launches the runtime would make for case number ``case`` of :func:`cases`."""
     from . import triton_plan as launch_mod
 
-    label, problem, spec, det = cases(kinds)[case]
+    base = cases(kinds)
+    if case >= len(base):  # kernels planned outside triton_plan (the hook of _extra_cases)
+        return _extra_cases()[case - len(base)]
+    label, problem, spec, det = base[case]
     plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
                            emulate_dot=False)
     return f"{label} d={problem.d} N={problem.N}", plan.launches
+
+
+def _extra_cases() -> list[tuple[str, list]]:
+    """(label, launches) of kernels with their own planner: the full-ranking kernel (``backends/ranking.py``)."""
+    from .ranking import aot_cases
+
+    return aot_cases()
 
 
 def compile_launch(launch: Any, cap: int, variant: str = "") -> Result:
@@ -175,7 +185,7 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...]) -> list[tuple[tuple[str
     if type(launch_mod.shared_rows_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("AOT compilation needs the kernels decorated without TRITON_INTERPRET; use run_isolated()")
     seen, out = set(), []
-    for case in range(len(cases(kinds))):
+    for case in range(len(cases(kinds)) + len(_extra_cases())):
         for index, step in enumerate(_launches(kinds, case)[1]):
             key = (step.name, repr(_signature(step)), step.config)
             if key not in seen:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..functional import BACKENDS
 from .data import leave_one_out, load_sequences, synthetic, to_sequences
-from .metrics import full_ranking
+from .metrics import full_ranking, streaming_full_ranking
 from .models.contrastvae import AUGS, KL_NORMS, PADDINGS, RECONS, ContrastVAE, EncoderConfig, recon_scale
 from .models.sasrec import SASRec
 from .seqdata import SequenceBatcher, eval_batch, eval_order
@@ -195,28 +195,33 @@ def train_step_fn(setup: Setup, mean_positions: float | None = None):
 
 
 def evaluator(model: nn.Module, inputs: list[list[int]], targets: list[int], max_len: int, precision: str,
-              ks: tuple[int, ...] = (20, 40), chunk: int = 512):
-    """evaluate() -> metrics: full ranking, users in length order, history masked with −inf."""
+              ks: tuple[int, ...] = (20, 40), chunk: int = 512, streaming: bool = True):
+    """evaluate() -> metrics: full ranking, users in length order, history masked with −inf
+    (``streaming``: ranked by fastrecloss.ranking without the [users, items] scores, same numbers)."""
     order = eval_order(inputs)
     cols_target = [[targets[u] - 1] for u in order]
     history = [[i - 1 for i in inputs[u]] for u in order]
     padded: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the inputs never change: pad once
 
-    def score(users: torch.Tensor) -> torch.Tensor:
+    def vectors(users: torch.Tensor) -> torch.Tensor:
         key = tuple(users.tolist())
         if key not in padded:
             padded[key] = eval_batch(inputs, [order[n] for n in key], max_len)
         items, valid = padded[key]
         device = next(model.parameters()).device
         with autocast(model, precision):
-            vectors = model.user_vectors(items.to(device), valid.to(device))
-        return model.scores(vectors.float())
+            return model.user_vectors(items.to(device), valid.to(device)).float()
 
     def evaluate() -> dict[str, float]:
         was = model.training
         model.eval()
+        users = list(range(len(order)))
         try:
-            return full_ranking(score, list(range(len(order))), cols_target, history, ks=ks, chunk_size=chunk)
+            if streaming:
+                table = model.table[1:model.cfg.num_items + 1]  # column c = item c + 1, as model.scores
+                return streaming_full_ranking(vectors, table, users, cols_target, history, ks=ks, chunk_size=chunk)
+            return full_ranking(lambda u: model.scores(vectors(u)), users, cols_target, history, ks=ks,
+                                chunk_size=chunk)
         finally:
             model.train(was)
 

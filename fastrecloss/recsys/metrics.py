@@ -86,17 +86,27 @@ def rank_metrics(scores: Tensor, targets: Sequence[Sequence[int]] | Tensor, ks: 
         raise ValueError(f"targets must have one entry per user (U = {U}), got {t.shape[0]}")
     if ((t < -1) | (t >= num_items)).any():
         raise ValueError(f"targets must be item columns in [0, {num_items}), got values outside")
-    valid = t >= 0
+    return metrics_from_ranks(target_ranks(scores, t), t >= 0, ks)
+
+
+def metrics_from_ranks(ranks: Tensor, valid: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
+    """Per-user metrics from 0-based target ranks [U, m] (``valid`` [U, m] marks the real targets).
+
+    Returns ``{'recall@K', 'ndcg@K', 'hit@K', 'mrr@K'}`` → float64 tensors [U] (NaN for a user with no
+    target); K is not checked against the catalogue here (see :func:`check_ks`).
+    """
+    U = ranks.shape[0]
+    dev = ranks.device
+    ranks = torch.where(valid, ranks, torch.iinfo(torch.int64).max)
     n_t = valid.sum(dim=1).to(torch.float64)
-    ranks = target_ranks(scores, t)
-    discount = 1.0 / torch.log2(ranks.to(torch.float64) + 2.0)
-    best = ranks.min(dim=1).values
-    nan = torch.full((U,), math.nan, dtype=torch.float64, device=scores.device)
+    discount = 1.0 / torch.log2(ranks.clamp(max=2**53).to(torch.float64) + 2.0)
+    best = ranks.min(dim=1).values if ranks.shape[1] else torch.full((U,), 2**62, dtype=torch.int64, device=dev)
+    nan = torch.full((U,), math.nan, dtype=torch.float64, device=dev)
     out: dict[str, Tensor] = {}
     for k in ks:
         inside = valid & (ranks < k)
         hits = inside.sum(dim=1).to(torch.float64)
-        ideal = torch.cumsum(1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=scores.device) + 2.0), 0)
+        ideal = torch.cumsum(1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=dev) + 2.0), 0)
         idcg = ideal[(n_t.clamp(max=k) - 1).clamp_min(0).long()]
         has = n_t > 0
         out[f"recall@{k}"] = torch.where(has, hits / n_t.clamp_min(1), nan)
@@ -151,4 +161,63 @@ def full_ranking(score_fn: Callable[[Tensor], Tensor], users: Sequence[int] | Te
             sums[name] = sums.get(name, 0.0) + float(values.sum())
     if not keep:
         return {f"{m}@{k}": math.nan for k in (ks if not isinstance(ks, int) else (ks,)) for m in METRICS}
+    return {name: total / len(keep) for name, total in sums.items()}
+
+
+@torch.no_grad()
+def streaming_full_ranking(query_fn: Callable[[Tensor], Tensor], table: Tensor, users: Sequence[int] | Tensor,
+                           targets: Sequence[Sequence[int]], history: Sequence[Sequence[int]] | None,
+                           ks: Sequence[int] = (20,), chunk_size: int = 1024, backend: str = "auto"
+                           ) -> dict[str, float]:
+    """:func:`full_ranking` for dot-product scores ``query_fn(users) @ table.T``, never materialised.
+
+    ``query_fn(user_chunk: LongTensor[c]) -> Tensor[c, d]``, ``table`` [num_items, d]. Each (user,
+    target) pair is ranked by :func:`fastrecloss.ranking.target_rank` with the user's history excluded
+    and ties by item index, and a target inside its user's history counts as a miss — the
+    conventions of :func:`full_ranking`, so both give the same metrics (whenever K ≤ num_items −
+    |history|, where a history target's rank there is ≥ K too). Peak extra memory is that of the
+    ranking backend (O(chunk · d) plus one reused score tile), not O(chunk_size · num_items).
+    """
+    from ..ranking import target_rank
+
+    users_t = torch.as_tensor(users, dtype=torch.int64).reshape(-1)
+    n_users = users_t.shape[0]
+    if len(targets) != n_users or (history is not None and len(history) != n_users):
+        raise ValueError(f"targets and history must have one list per user ({n_users})")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    num_items = table.shape[0]
+    ks = check_ks(ks, num_items)
+    keep = [n for n in range(n_users) if len(targets[n]) > 0]
+    if not keep:
+        return {f"{m}@{k}": math.nan for k in ks for m in METRICS}
+    sums: dict[str, float] = {}
+    for start in range(0, len(keep), chunk_size):
+        part = keep[start : start + chunk_size]
+        q = query_fn(users_t[part])
+        if q.dim() != 2 or q.shape[0] != len(part):
+            raise ValueError(f"query_fn must return [c, d] with c = {len(part)}, got {tuple(q.shape)}")
+        row_of = [i for i, n in enumerate(part) for _ in targets[n]]
+        pair_targets = [t for n in part for t in targets[n]]
+        dev = q.device
+        seen = [set(history[n]) if history is not None else set() for n in part]
+        exclude = None
+        if history is not None:
+            lists = [history[part[i]] for i in row_of]
+            indptr = torch.tensor([0] + [len(h) for h in lists], dtype=torch.int64).cumsum(0)
+            indices = torch.tensor([c for h in lists for c in h], dtype=torch.int64)
+            exclude = (indptr.to(dev), indices.to(dev))
+        rows = torch.as_tensor(row_of, dtype=torch.int64, device=dev)
+        ranks = target_rank(q[rows], table, torch.as_tensor(pair_targets, dtype=torch.int64, device=dev),
+                            exclude=exclude, ties="index", backend=backend).cpu()
+        in_history = torch.tensor([t in seen[i] for i, t in zip(row_of, pair_targets)], dtype=torch.bool)
+        ranks = torch.where(in_history, num_items, ranks)
+        width = max(len(targets[n]) for n in part)
+        padded = torch.zeros(len(part), width, dtype=torch.int64)
+        valid = torch.zeros(len(part), width, dtype=torch.bool)
+        col = torch.tensor([j for n in part for j in range(len(targets[n]))], dtype=torch.int64)
+        padded[torch.as_tensor(row_of), col] = ranks
+        valid[torch.as_tensor(row_of), col] = True
+        for name, values in metrics_from_ranks(padded, valid, ks).items():
+            sums[name] = sums.get(name, 0.0) + float(values.sum())
     return {name: total / len(keep) for name, total in sums.items()}

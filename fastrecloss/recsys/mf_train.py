@@ -39,7 +39,7 @@ from .data import (
     ratio_split,
     synthetic,
 )
-from .metrics import check_ks, full_ranking
+from .metrics import check_ks, full_ranking, streaming_full_ranking
 from .mf_dist import DIST_MODES, DistributedMF, world_from_env
 from .models.mf import LOSSES, MF, MFBatch, check_loss, resolve_layout
 from .sampling import SAMPLERS, NegativeSampler, UserItemSet
@@ -125,8 +125,14 @@ def _per_user(inter: Interactions, *others: Interactions) -> list[list[int]]:
     return lists
 
 
-def evaluate(model: MF, targets: Interactions, history: list[list[int]], ks: tuple[int, ...]) -> dict[str, float]:
+def evaluate(model: MF, targets: Interactions, history: list[list[int]], ks: tuple[int, ...],
+             streaming: bool = True) -> dict[str, float]:
+    """Full-ranking metrics; ``streaming`` ranks with fastrecloss.ranking (no [users, items] scores),
+    else through the materialised scores (the same numbers, see recsys.metrics)."""
     users = list(range(model.user.num_embeddings))
+    if streaming:
+        return streaming_full_ranking(model.user_vectors, model.item_table(), users, targets.user_items(), history,
+                                      ks=ks, chunk_size=1024)
     return full_ranking(model.score, users, targets.user_items(), history, ks=ks, chunk_size=1024)
 
 
