@@ -44,8 +44,10 @@ def sasrec(loss: Any) -> SasRec:
     return SasRec(body=base.body, loss=loss)
 
 
-def batch(gen: torch.Generator, num_positives: int = 1) -> dict[str, Any]:
-    """Left-padded sequences of ids in [0, NI) (padding id NI); targets = the next items."""
+def batch(gen: torch.Generator, num_positives: int = 1, pad_value: int = NI, duplicate: bool = False
+          ) -> dict[str, Any]:
+    """Left-padded sequences of ids in [0, NI) (padding id NI); targets = the next items; a padded
+    positive slot holds ``pad_value``, ``duplicate`` repeats one position's first positive."""
     lengths = torch.tensor([L, 4, 2])
     items = torch.randint(0, NI, (B, L + num_positives), generator=gen)
     real = torch.arange(L)[None, :] >= (L - lengths)[:, None]  # [B, L], True = real item (RePlay's polarity)
@@ -55,6 +57,10 @@ def batch(gen: torch.Generator, num_positives: int = 1) -> dict[str, Any]:
     if num_positives > 1:
         target_mask[0, -1, 1] = False  # one padded slot among the positives
     positives = positives.masked_fill(~target_mask, NI)
+    if num_positives > 1:
+        positives[0, -1, 1] = pad_value
+    if duplicate:
+        positives[1, -1, 1] = positives[1, -1, 0]
     return {"feature_tensors": {"item_id": seq}, "padding_mask": real, "positive_labels": positives,
             "target_padding_mask": target_mask}
 
@@ -71,10 +77,11 @@ def negatives(gen: torch.Generator, shape: tuple[int, ...], positives: torch.Ten
 
 
 def compare(ours: torch.nn.Module, theirs: torch.nn.Module, gen: torch.Generator, *, num_positives: int = 1,
-            neg_shape: tuple[int, ...] | None = None, features: dict[str, torch.Tensor] | None = None) -> None:
+            neg_shape: tuple[int, ...] | None = None, features: dict[str, torch.Tensor] | None = None,
+            **batch_kw: Any) -> None:
     model = sasrec(theirs)
     ours.logits_callback = model.get_logits
-    b = batch(gen, num_positives)
+    b = batch(gen, num_positives, **batch_kw)
     hidden = torch.randn(B, L, D, generator=gen, requires_grad=True)
     neg = None if neg_shape is None else negatives(gen, neg_shape, b["positive_labels"])
     feats = {**b["feature_tensors"], **(features or {})}
@@ -130,6 +137,25 @@ def test_gbce_weights_the_positive_term(gen: torch.Generator) -> None:
     pos_term = torch.nn.functional.softplus(-model.get_logits(hidden.reshape(-1, D)[rows],
                                                               b["positive_labels"].reshape(-1, 1)[rows])).mean()
     torch.testing.assert_close(losses[1.0] - losses[0.25], 0.75 * pos_term)
+
+
+LOGINCE_CASES = pytest.mark.parametrize("num_positives, pad_value, clamp_border", [
+    (1, NI, 100.0), (3, NI, 100.0), (3, 5, 100.0), (2, 0, 2.0)],
+    ids=["one", "several", "padded-slot-in-catalogue", "clamped"])
+
+
+@LOGINCE_CASES
+def test_login_ce(gen: torch.Generator, num_positives: int, pad_value: int, clamp_border: float) -> None:
+    compare(frl.LogInCE(NI, clamp_border=clamp_border), rl.LogInCE(NI, clamp_border=clamp_border), gen,
+            num_positives=num_positives, pad_value=pad_value, duplicate=num_positives > 1)
+
+
+@pytest.mark.parametrize("neg_shape", [(7,), (B, 7), (B, L, 7)], ids=["shared", "per-sequence", "per-position"])
+@LOGINCE_CASES
+def test_login_ce_sampled(gen: torch.Generator, neg_shape: tuple[int, ...], num_positives: int, pad_value: int,
+                          clamp_border: float) -> None:
+    compare(frl.LogInCESampled(clamp_border=clamp_border), rl.LogInCESampled(clamp_border=clamp_border), gen,
+            neg_shape=neg_shape, num_positives=num_positives, pad_value=pad_value, duplicate=num_positives > 1)
 
 
 def test_trains_sasrec_through_replays_lightning_module(gen: torch.Generator) -> None:

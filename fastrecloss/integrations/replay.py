@@ -14,7 +14,9 @@ to a positive of its row (an accidental hit) is excluded. What differs is that n
 SasRec's embedder, the item tower of a TwoTower, or ``item_weights_callback``) and handed to a
 fused loss. ``CE``/``CEWeighted``/``CESampled``/``BCE``/``BCESampled`` match RePlay's values and
 gradients (tests/test_integrations_replay.py); ``BCESampled`` computes log σ exactly (RePlay's
-with ``log_epsilon=0``, no clamp needed) and takes ``beta`` for gBCE (gSASRec).
+with ``log_epsilon=0``, no clamp needed) and takes ``beta`` for gBCE (gSASRec). ``LogInCE`` /
+``LogInCESampled`` (one row per position, its P positives in one numerator) are ``infonce`` with
+``pos_idx`` [R, P], then RePlay's −clamp(log(p + log_epsilon)) on each row's p = e^{−loss}.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 
-__all__ = ["CE", "CEWeighted", "CESampled", "BCE", "BCESampled"]
+__all__ = ["CE", "CEWeighted", "CESampled", "BCE", "BCESampled", "LogInCE", "LogInCESampled"]
 
 
 class _ReplayLoss(nn.Module):
@@ -212,3 +214,70 @@ class BCESampled(_Sampled):
                 negative_labels: Tensor, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
         return self._call(F.bce, model_embeddings, positive_labels, negative_labels, target_padding_mask, "mean",
                           beta=self.beta, neg_reduction="sum")
+
+
+class _LogInCE(_ReplayLoss):
+    """One row per position (b, l) with a real target; its P targets share the numerator:
+    L = −log Σ_P e^{s_p} / (Σ_P e^{s_p} + Σ_n e^{s_n}), n over the negatives that equal none of the
+    position's P labels (padded slots included, as RePlay masks them) nor, among sampled negatives,
+    ``negative_labels_ignore_index``."""
+
+    def __init__(self, log_epsilon: float, clamp_border: float, negative_labels_ignore_index: int,
+                 backend: str) -> None:
+        super().__init__()
+        self.log_epsilon, self.clamp_border = log_epsilon, clamp_border
+        self.negative_labels_ignore_index, self.backend = negative_labels_ignore_index, backend
+
+    def _loss(self, model_embeddings: Tensor, positive_labels: Tensor, target_padding_mask: Tensor, table: Tensor,
+              negative_labels: Tensor | None) -> Tensor:
+        if positive_labels.dim() != 3 or tuple(target_padding_mask.shape) != tuple(positive_labels.shape):
+            raise ValueError(f"positive_labels and target_padding_mask must be [B, L, P] of one shape, got "
+                             f"{tuple(positive_labels.shape)} and {tuple(target_padding_mask.shape)}")
+        B, L, P = positive_labels.shape
+        ignore = self.negative_labels_ignore_index
+        q = model_embeddings.reshape(B * L, -1)
+        pos_idx = positive_labels.masked_fill(~target_padding_mask, ignore).reshape(B * L, P)
+        padded = positive_labels.masked_fill(target_padding_mask, -1).reshape(B * L, P, 1)  # RePlay masks these too
+        kw: dict[str, Any] = {}
+        if negative_labels is None:  # the whole catalogue
+            ids = torch.arange(table.size(0), device=q.device)
+        else:
+            N = negative_labels.size(-1)
+            if negative_labels.dim() == 2:
+                negative_labels = negative_labels[:, None, :]
+            ids = kw["neg_idx"] = negative_labels.expand(B, L, N).reshape(B * L, N)
+        if bool(((padded >= 0) & (padded < table.size(0))).any()):
+            kw["neg_mask"] = (padded == ids.reshape(-1 if ids.dim() == 2 else 1, 1, ids.size(-1))).any(1)
+        rows = F.infonce(q, None, table, pos_idx=pos_idx, ignore_index=ignore, reduction="none",
+                         backend=self.backend, **kw)
+        rows = rows[target_padding_mask.any(-1).reshape(-1)]
+        log_p = -rows if self.log_epsilon == 0 else torch.logaddexp(-rows, torch.tensor(self.log_epsilon).log())
+        return -log_p.clamp(-self.clamp_border, self.clamp_border).mean()
+
+
+class LogInCE(_LogInCE):
+    """``replay.nn.loss.LogInCE``: the whole catalogue (``cardinality`` items) as negatives."""
+
+    def __init__(self, cardinality: int, log_epsilon: float = 1e-6, clamp_border: float = 100.0,
+                 negative_labels_ignore_index: int = -100, backend: str = "auto") -> None:
+        super().__init__(log_epsilon, clamp_border, negative_labels_ignore_index, backend)
+        self.cardinality = cardinality
+
+    def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
+                negative_labels: Tensor | None, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
+        table = self.item_table()
+        if table.size(0) < self.cardinality:
+            raise ValueError(f"cardinality is {self.cardinality} but the item table has {table.size(0)} rows")
+        return self._loss(model_embeddings, positive_labels, target_padding_mask, table[: self.cardinality], None)
+
+
+class LogInCESampled(_LogInCE):
+    """``replay.nn.loss.LogInCESampled``: negatives [N], [B, N] or [B, L, N], −100 (the ignore index) dropped."""
+
+    def __init__(self, log_epsilon: float = 1e-6, clamp_border: float = 100.0, negative_labels_ignore_index: int = -100,
+                 backend: str = "auto") -> None:
+        super().__init__(log_epsilon, clamp_border, negative_labels_ignore_index, backend)
+
+    def forward(self, model_embeddings: Tensor, feature_tensors: Any, positive_labels: Tensor,
+                negative_labels: Tensor, padding_mask: Tensor | None, target_padding_mask: Tensor) -> Tensor:
+        return self._loss(model_embeddings, positive_labels, target_padding_mask, self.item_table(), negative_labels)
