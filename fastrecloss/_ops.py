@@ -6,6 +6,10 @@ Two ops share one signature (the :class:`Problem` flattened into tensors and sca
   with the upstream gradient as the row scale (used for ``reduction='none'``).
 * ``fastrecloss::loss_scalar`` returns Σ_r row_scale_r · L_r *and* the gradients it needs,
   computed in the same pass; its backward only multiplies them by the (scalar) upstream gradient.
+* ``fastrecloss::loss_rows_state`` (triton backend, per-row and indexed layouts) returns the
+  per-row losses and the [3, R] row stats of the same pass; its backward,
+  ``fastrecloss::grad_from_state``, is one gradient pass over the negatives (two reads of them per
+  forward+backward instead of three).
 
 Both have fake implementations, so ``torch.compile(fullgraph=True)`` traces through them.
 """
@@ -106,12 +110,7 @@ def loss_scalar(
 @loss_scalar.register_fake
 def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
       temperature, kind, params, backend, deterministic, row_scale, needs):
-    def like(t, need):
-        return torch.empty_like(t) if (need and t is not None) else (t if t is not None else query).new_empty(0)
-
-    need_pos_vec = needs[1] and pos is not None
-    return (query.new_empty((), dtype=acc_dtype(query.dtype)), like(query, needs[0]), like(pos, need_pos_vec),
-            like(neg, needs[2]))
+    return (query.new_empty((), dtype=acc_dtype(query.dtype)), *_fake_grads(query, pos, neg, needs))
 
 
 def _scalar_setup(ctx, inputs, output):
@@ -133,6 +132,77 @@ def _scalar_backward(ctx, grad_total, *_unused):
 
 
 loss_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
+
+
+def _saves_state(backend: str, layout: str) -> bool:
+    return backend == "triton" and _backend("triton").saves_state(layout)
+
+
+@torch.library.custom_op("fastrecloss::loss_rows_state", mutates_args=())
+def loss_rows_state(
+    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
+    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
+    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
+                 layout, temperature)
+    return _backend(backend).forward_state(p, LossSpec.from_params(kind, params), deterministic)
+
+
+@loss_rows_state.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic):
+    R = query.shape[0]
+    return query.new_empty(R, dtype=acc_dtype(query.dtype)), query.new_empty(3, R, dtype=torch.float32)
+
+
+def _state_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10], output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.static = inputs[10:]
+
+
+def _state_backward(ctx, grad_rows, _grad_state):
+    *tensors, state = ctx.saved_tensors
+    query, pos = tensors[0], tensors[2]
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and pos is not None, ctx.needs_input_grad[1]]
+    gq, gp, gn = grad_from_state(*tensors, *ctx.static, state, grad_rows.to(acc_dtype(query.dtype)), needs)
+    grads = [None] * 16
+    grads[0] = gq if needs[0] else None
+    grads[1] = gn if needs[2] else None
+    grads[2] = gp if needs[1] else None
+    return tuple(grads)
+
+
+loss_rows_state.register_autograd(_state_backward, setup_context=_state_setup)
+
+
+@torch.library.custom_op("fastrecloss::grad_from_state", mutates_args=())
+def grad_from_state(
+    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
+    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
+    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
+    deterministic: bool, state: Tensor, row_scale: Tensor, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
+                 layout, temperature)
+    gq, gp, gn = _backend(backend).backward_from_state(p, LossSpec.from_params(kind, params), state, row_scale,
+                                                       tuple(needs), deterministic)
+    return _cast(gq, query, query), _cast(gp, pos, query), _cast(gn, neg, query)
+
+
+@grad_from_state.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic, state, row_scale, needs):
+    return _fake_grads(query, pos, neg, needs)
+
+
+def _fake_grads(query: Tensor, pos: Tensor | None, neg: Tensor, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    def like(t, need):
+        return torch.empty_like(t) if (need and t is not None) else (t if t is not None else query).new_empty(0)
+
+    return like(query, needs[0]), like(pos, needs[1] and pos is not None), like(neg, needs[2])
 
 
 def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
@@ -165,7 +235,8 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     # computes the gradients in the forward and treats the row scale as a constant.
     recompute = p.layout != "shared" or (weight is not None and weight.requires_grad and grad_on)
     if reduction == "none" or recompute:
-        return reduce_rows(loss_rows(*args, *static), weight, reduction).to(dtype)
+        rows = loss_rows_state(*args, *static)[0] if _saves_state(backend, p.layout) else loss_rows(*args, *static)
+        return reduce_rows(rows, weight, reduction).to(dtype)
     needs = [grad_on and p.query.requires_grad,
              grad_on and p.pos is not None and p.pos.requires_grad,
              grad_on and p.neg.requires_grad]

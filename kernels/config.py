@@ -8,19 +8,21 @@ positives from the table, every gradient), and the test suite asserts it.
 
 * ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in registers (the
   shared layout needs ≥ 16 for ``tl.dot``), hence a maximum d (:func:`max_d`).
-* shared layout (``tl.dot`` tiles, :data:`SHARED_TILES`): the score tile, the query-gradient
-  accumulator [BLOCK_R, BLOCK_D] and the MMA operands are live together, so the tile shrinks and
-  the warps grow with d. The rows kernel uses BLOCK_R as its MMA M dimension, the items kernel
-  BLOCK_N; one tile serves both. fp32 inputs run 3×TF32 dots whose operands are split in two
-  4-byte halves, so they get smaller tiles and stop at d = 128.
+* shared layout (``tl.dot`` tiles, :data:`SHARED_TILES`): one tile per pass. The rows kernel uses
+  BLOCK_R as its MMA M dimension, the items kernel BLOCK_N; for 2-byte inputs both are 64, the M of
+  one sm_90 warp-group MMA (HGMMA m64nNk16), so both passes run warp-group MMA, with
+  ``num_stages = 2`` (the next item / row tile is prefetched while this one is computed). The score
+  tile, the gradient accumulator [64, BLOCK_D] and the MMA operands are live together, so the
+  inner tile (BLOCK_N of the rows pass, BLOCK_R of the items pass) shrinks and the warps grow with
+  d. fp32 inputs run 3×TF32 dots whose operands are split in two 4-byte halves, so they keep
+  smaller tiles, one stage, and stop at d = 128.
 * per-row / indexed layouts (batched mat-vec, no reuse across rows): one [BLOCK_R, BLOCK_N,
   BLOCK_D] fp32 tile of :data:`GATHER_TILE` elements over 4 warps (16 elements per thread),
   BLOCK_N = min(next_pow2(N), tile/BLOCK_D, 64) negatives per step, and BLOCK_R rows when N is
   small.
 * item-segment pass (deterministic indexed): BLOCK_E lanes × BLOCK_D, ≤ :data:`SEGMENT_TILE`.
-* ``num_stages = 1`` everywhere (no cp.async software pipelining): the register and shared-memory
-  figures above are for that; deeper pipelining is the first knob to try once timings can be
-  measured on a GPU (none were, see docs/roofline.md).
+* ``num_stages = 1`` for fp32 shared tiles and the gathered layouts (their loads are gathers that
+  the pipeliner does not stage); no timing was measured on a GPU (see docs/roofline.md).
 """
 
 from __future__ import annotations
@@ -68,18 +70,23 @@ def check_d(d: int, layout: str, dtype: torch.dtype) -> None:
                          + (" or bf16 inputs" if limit < MAX_D else ""))
 
 
-# (BLOCK_R, BLOCK_N, num_warps) of the shared layout by BLOCK_D: 2-byte inputs, 4-byte inputs.
+# Shared layout by BLOCK_D: ((BLOCK_R, BLOCK_N, num_warps) of the rows pass, (BLOCK_N, BLOCK_R,
+# num_warps) of the items pass — M dimension first), for 2-byte and 4-byte inputs.
 SHARED_TILES = {
-    False: {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 4), 128: (64, 32, 8), 256: (32, 32, 8)},
-    True: {16: (32, 16, 4), 32: (32, 16, 4), 64: (32, 32, 8), 128: (16, 16, 8)},
+    False: {16: ((64, 64, 4), (64, 64, 4)), 32: ((64, 64, 4), (64, 64, 4)), 64: ((64, 64, 4), (64, 64, 4)),
+            128: ((64, 64, 8), (64, 64, 8)), 256: ((64, 32, 8), (64, 32, 8))},
+    True: {16: ((32, 16, 4), (16, 32, 4)), 32: ((32, 16, 4), (16, 32, 4)), 64: ((32, 32, 8), (32, 32, 8)),
+           128: ((16, 16, 8), (16, 16, 8))},
 }
 
 
-def shared_config(d: int, dtype: torch.dtype) -> TileConfig:
+def shared_configs(d: int, dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
+    """(rows pass, items pass) tiles; both as TileConfig(block_r, block_n, ...)."""
     check_d(d, "shared", dtype)
     block_d = max(16, next_pow2(d))
-    block_r, block_n, warps = SHARED_TILES[_wide(dtype)][block_d]
-    return TileConfig(block_r, block_n, block_d, warps)
+    (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
+    stages = 1 if _wide(dtype) else 2
+    return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 
 
 def gathered_config(d: int, n: int, layout: str = "per_row", dtype: torch.dtype = torch.float32) -> TileConfig:

@@ -50,6 +50,7 @@ class Result:
     stack: int
     local: int
     shared: int
+    sass: dict | None = None  # steady-state loop cost (``triton_sass.loop_cost``), with ``--sass``
 
     @property
     def spills(self) -> bool:
@@ -145,8 +146,16 @@ def _launches(kinds: tuple[str, ...], case: int) -> tuple[str, list]:
     return f"{label} d={problem.d} N={problem.N}", plan.launches
 
 
-def compile_launch(launch: Any, cap: int, variant: str = "") -> Result:
-    """Compile one planned launch for sm_``cap`` and read its resource usage from the cubin."""
+def scores_per_iteration(launch: Any) -> int:
+    """Score elements one iteration of the kernel's steady-state loop covers (one tile, or one
+    reference per lane of the segment pass)."""
+    cfg = launch.config
+    return cfg.block_r if launch.name == "item_segment_kernel" else cfg.block_r * cfg.block_n
+
+
+def compile_launch(launch: Any, cap: int, variant: str = "", sass: bool = False) -> Result:
+    """Compile one planned launch for sm_``cap`` and read its resource usage (and, with ``sass``,
+    the static cost of its loop) from the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -157,18 +166,24 @@ def compile_launch(launch: Any, cap: int, variant: str = "") -> Result:
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
     res = _resources(compiled.asm["cubin"])
     variant = f"{variant} R{cfg.block_r}xN{cfg.block_n}xD{cfg.block_d} w{cfg.num_warps}".strip()
+    cost = None
+    if sass:
+        from .triton_sass import loop_cost
+
+        cost = loop_cost(compiled.asm["cubin"], cap, cfg.num_warps, scores_per_iteration(launch))
     return Result(launch.name, variant, f"sm_{cap}", res["REG"], res["STACK"], res["LOCAL"],
-                  int(compiled.metadata.shared))
+                  int(compiled.metadata.shared), cost)
 
 
-def _compile(job: tuple[tuple[str, ...], int, int, int]) -> Result:
+def _compile(job: tuple[tuple[str, ...], int, int, int, bool]) -> Result:
     """Compile launch ``index`` of case ``case`` for sm_``cap`` (a picklable job for worker processes)."""
-    kinds, case, index, cap = job
+    kinds, case, index, cap, sass = job
     label, launches = _launches(kinds, case)
-    return compile_launch(launches[index], cap, label)
+    return compile_launch(launches[index], cap, label, sass)
 
 
-def jobs(kinds: tuple[str, ...], archs: tuple[int, ...]) -> list[tuple[tuple[str, ...], int, int, int]]:
+def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
+         sass: bool = False) -> list[tuple[tuple[str, ...], int, int, int, bool]]:
     """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile."""
     from . import triton_plan as launch_mod
 
@@ -180,14 +195,14 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...]) -> list[tuple[tuple[str
             key = (step.name, repr(_signature(step)), step.config)
             if key not in seen:
                 seen.add(key)
-                out.extend((kinds, case, index, cap) for cap in archs)
+                out.extend((kinds, case, index, cap, sass) for cap in archs)
     return out
 
 
 def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS,
-                workers: int = 1) -> Iterator[Result]:
+                workers: int = 1, sass: bool = False) -> Iterator[Result]:
     """Compile every job of :func:`jobs`, yielding results in job order as they complete."""
-    todo = jobs(kinds, archs)
+    todo = jobs(kinds, archs, sass)
     if workers <= 1:
         yield from map(_compile, todo)
         return
@@ -196,11 +211,11 @@ def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...
 
 
 def run_isolated(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS, workers: int = 1,
-                 progress: bool = False) -> list[Result]:
+                 progress: bool = False, sass: bool = False) -> list[Result]:
     """:func:`compile_all` in a fresh Python without TRITON_INTERPRET (streamed back as JSON lines)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fastrecloss.backends.triton_aot", "--jsonl", "--workers", str(workers),
-           "--kinds", *kinds, "--archs", *map(str, archs)]
+           "--kinds", *kinds, "--archs", *map(str, archs), *(["--sass"] if sass else [])]
     results: list[Result] = []
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
                                                                text=True) as proc:
@@ -237,13 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS))
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--jsonl", action="store_true", help="print the job count, then one JSON line per result")
+    parser.add_argument("--sass", action="store_true", help="also count the steady-state loop's instructions")
     args = parser.parse_args(argv)
     kinds, archs = tuple(args.kinds), tuple(args.archs)
     if not args.jsonl:
-        print(format_table(list(compile_all(kinds, archs, args.workers))))
+        print(format_table(list(compile_all(kinds, archs, args.workers, args.sass))))
         return 0
-    print(json.dumps({"total": len(jobs(kinds, archs))}), flush=True)
-    for result in compile_all(kinds, archs, args.workers):
+    print(json.dumps({"total": len(jobs(kinds, archs, args.sass))}), flush=True)
+    for result in compile_all(kinds, archs, args.workers, args.sass):
         print(json.dumps(asdict(result)), flush=True)
     return 0
 
