@@ -1,17 +1,23 @@
-"""Binds the backends to autograd as ``torch.library`` custom ops (SPEC §4).
+"""Binds the backends to autograd (SPEC §4): one autograd rule, two bindings.
 
-Two ops share one signature (the :class:`Problem` flattened into tensors and scalars):
+Two entry points share one signature (the :class:`Problem` flattened into tensors and scalars):
 
-* ``fastrecloss::loss_rows`` returns the per-row losses [R]; its backward recomputes the scores
-  with the upstream gradient as the row scale (used for ``reduction='none'``).
-* ``fastrecloss::loss_scalar`` returns Σ_r row_scale_r · L_r *and* the gradients it needs,
-  computed in the same pass; its backward only multiplies them by the (scalar) upstream gradient.
-* ``fastrecloss::loss_rows_state`` (triton backend, per-row and indexed layouts) returns the
-  per-row losses and the [3, R] row stats of the same pass; its backward,
-  ``fastrecloss::grad_from_state``, is one gradient pass over the negatives (two reads of them per
-  forward+backward instead of three).
+* ``loss_rows`` returns the per-row losses [R]; its backward recomputes the scores with the
+  upstream gradient as the row scale (used for ``reduction='none'``).
+* ``loss_scalar`` returns Σ_r row_scale_r · L_r *and* the gradients it needs, computed in the same
+  pass and kept in the accumulation dtype (fp32); its backward multiplies them by the upstream
+  gradient and only then casts each to its input's dtype, so a loss scale (GradScaler) protects
+  small 16-bit gradients.
+* ``loss_rows_state`` (triton backend, per-row and indexed layouts) returns the per-row losses and
+  the [3, R] fp32 row stats of the same pass; its backward, ``grad_from_state``, is one gradient
+  pass over the negatives (two reads of them per forward+backward instead of three).
 
-Both have fake implementations, so ``torch.compile(fullgraph=True)`` traces through them.
+Under ``torch.compile`` they are ``torch.library`` custom ops (``fastrecloss::loss_rows`` /
+``::loss_scalar``) with fake implementations, so ``fullgraph=True`` traces through them. In eager
+mode the same functions run as plain ``torch.autograd.Function``s: a custom op's first call
+imports ``torch._dynamo`` (and with it inductor, sympy and triton), which an eager CPU user should
+not pay for. Double backward (``create_graph=True``) is not implemented: the first-order
+gradients come back carrying a node that raises a clear error if they are differentiated.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import importlib
 
 import torch
 from torch import Tensor
+from torch._C import _functions as _autograd_nodes
 
 from ._problem import Problem
 from ._spec import LossSpec, acc_dtype
@@ -27,6 +34,8 @@ from ._spec import LossSpec, acc_dtype
 _BACKEND_MODULES = {"torch": "fastrecloss.backends.torch", "triton": "fastrecloss.backends.triton"}
 _TENSOR_FIELDS = ("query", "neg", "pos", "pos_idx", "neg_idx", "log_q", "pos_log_q", "hit_pos_ids",
                   "hit_neg_ids", "neg_mask")
+_DOUBLE_BACKWARD = (b"fastrecloss: double backward (create_graph=True, e.g. a gradient penalty) is not "
+                    b"implemented for the fused losses; use backend='reference', whose autograd graph supports it")
 
 
 def _backend(name: str):
@@ -37,19 +46,12 @@ def _problem(tensors: tuple, layout: str, temperature: float) -> Problem:
     return Problem(layout, temperature=temperature, **dict(zip(_TENSOR_FIELDS, tensors)))
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
+def _grad_or_empty(g: Tensor | None, fallback: Tensor) -> Tensor:
+    """A gradient (accumulation dtype), or an empty placeholder (custom ops return tensors only)."""
+    return fallback.new_empty(0) if g is None else g
 
 
-def _cast(g: Tensor | None, like: Tensor | None, fallback: Tensor) -> Tensor:
-    """A gradient in its input's dtype, or an empty placeholder (custom ops return tensors only)."""
-    if g is None or like is None:
-        return _empty(fallback)
-    return g.to(like.dtype)
-
-
-@torch.library.custom_op("fastrecloss::loss_rows", mutates_args=())
-def loss_rows(
+def _rows_impl(
     query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
     log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
     neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
@@ -62,37 +64,7 @@ def loss_rows(
     return rows
 
 
-@loss_rows.register_fake
-def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
-      temperature, kind, params, backend, deterministic):
-    return query.new_empty(query.shape[0], dtype=acc_dtype(query.dtype))
-
-
-def _rows_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10])
-    ctx.static = inputs[10:]
-
-
-def _rows_backward(ctx, grad_rows):
-    tensors = ctx.saved_tensors
-    query, pos = tensors[0], tensors[2]
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and pos is not None, ctx.needs_input_grad[1]]
-    # The recomputation goes through the loss_scalar op rather than the backend directly, so that
-    # torch.compile traces it as an opaque op with a fake implementation (the triton backend cannot
-    # launch kernels on the fake tensors of a trace).
-    _, gq, gp, gn = loss_scalar(*tensors, *ctx.static, grad_rows.to(acc_dtype(query.dtype)), needs)
-    grads = [None] * 16
-    grads[0] = gq if needs[0] else None
-    grads[1] = gn if needs[2] else None
-    grads[2] = gp if needs[1] else None
-    return tuple(grads)
-
-
-loss_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
-
-
-@torch.library.custom_op("fastrecloss::loss_scalar", mutates_args=())
-def loss_scalar(
+def _scalar_impl(
     query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
     log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
     neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
@@ -104,42 +76,10 @@ def loss_scalar(
     rows, gq, gp, gn = _backend(backend).forward_backward(
         p, LossSpec.from_params(kind, params), row_scale if any(needs) else None, tuple(needs), deterministic)
     total = (rows * row_scale).sum()
-    return total, _cast(gq, query, query), _cast(gp, pos, query), _cast(gn, neg, query)
+    return total, _grad_or_empty(gq, query), _grad_or_empty(gp, query), _grad_or_empty(gn, query)
 
 
-@loss_scalar.register_fake
-def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
-      temperature, kind, params, backend, deterministic, row_scale, needs):
-    return (query.new_empty((), dtype=acc_dtype(query.dtype)), *_fake_grads(query, pos, neg, needs))
-
-
-def _scalar_setup(ctx, inputs, output):
-    _, gq, gp, gn = output
-    ctx.save_for_backward(gq, gp, gn)
-    ctx.mark_non_differentiable(gq, gp, gn)
-    ctx.set_materialize_grads(False)  # the gradient outputs get no upstream gradient: no zero tensors
-
-
-def _scalar_backward(ctx, grad_total, *_unused):
-    gq, gp, gn = ctx.saved_tensors
-    grads = [None] * 18
-
-    def scaled(g):
-        return (g * grad_total).to(g.dtype) if (g.numel() and grad_total is not None) else None
-
-    grads[0], grads[1], grads[2] = scaled(gq), scaled(gn), scaled(gp)
-    return tuple(grads)
-
-
-loss_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
-
-
-def _saves_state(backend: str, layout: str) -> bool:
-    return backend == "triton" and _backend("triton").saves_state(layout)
-
-
-@torch.library.custom_op("fastrecloss::loss_rows_state", mutates_args=())
-def loss_rows_state(
+def _state_impl(
     query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
     log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
     neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
@@ -150,11 +90,123 @@ def loss_rows_state(
     return _backend(backend).forward_state(p, LossSpec.from_params(kind, params), deterministic)
 
 
+def _grad_state_impl(
+    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
+    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
+    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
+    deterministic: bool, state: Tensor, row_scale: Tensor, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
+                 layout, temperature)
+    gq, gp, gn = _backend(backend).backward_from_state(p, LossSpec.from_params(kind, params), state, row_scale,
+                                                       tuple(needs), deterministic)
+    return _grad_or_empty(gq, query), _grad_or_empty(gp, query), _grad_or_empty(gn, query)
+
+
+loss_rows = torch.library.custom_op("fastrecloss::loss_rows", mutates_args=())(_rows_impl)
+loss_scalar = torch.library.custom_op("fastrecloss::loss_scalar", mutates_args=())(_scalar_impl)
+loss_rows_state = torch.library.custom_op("fastrecloss::loss_rows_state", mutates_args=())(_state_impl)
+grad_from_state = torch.library.custom_op("fastrecloss::grad_from_state", mutates_args=())(_grad_state_impl)
+
+
+@loss_rows.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic):
+    return query.new_empty(query.shape[0], dtype=acc_dtype(query.dtype))
+
+
+def _fake_grads(query: Tensor, pos: Tensor | None, neg: Tensor, needs: list[bool],
+                dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake gradients in the accumulation dtype (or ``dtypes`` per input), empty where not needed."""
+    acc = acc_dtype(query.dtype)
+    dq, dp, dn = dtypes or (acc, acc, acc)
+
+    def like(t, need, dtype):
+        return t.new_empty(t.shape, dtype=dtype) if (need and t is not None) else query.new_empty(0)
+
+    return like(query, needs[0], dq), like(pos, needs[1] and pos is not None, dp), like(neg, needs[2], dn)
+
+
+@loss_scalar.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic, row_scale, needs):
+    return query.new_empty((), dtype=acc_dtype(query.dtype)), *_fake_grads(query, pos, neg, needs)
+
+
 @loss_rows_state.register_fake
 def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
       temperature, kind, params, backend, deterministic):
     R = query.shape[0]
     return query.new_empty(R, dtype=acc_dtype(query.dtype)), query.new_empty(3, R, dtype=torch.float32)
+
+
+@grad_from_state.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic, state, row_scale, needs):
+    acc = acc_dtype(query.dtype)
+    return _fake_grads(query, pos, neg, needs, (acc, acc, neg.dtype if layout == "per_row" else acc))
+
+
+def _first_order_only(grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """With create_graph=True (grad mode on inside backward), the gradients get a node that raises
+    when they are differentiated again, instead of silently carrying no graph."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return tuple(grads)
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return tuple(grads)
+    guarded = _autograd_nodes.DelayedError(_DOUBLE_BACKWARD, len(present))(
+        *[grads[i].detach().requires_grad_() for i in present])
+    guarded = guarded if isinstance(guarded, tuple) else (guarded,)
+    out = list(grads)
+    for i, g in zip(present, guarded):
+        out[i] = g
+    return tuple(out)
+
+
+def _rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.static = inputs[10:]
+
+
+def _rows_backward(ctx, grad_rows):
+    tensors = ctx.saved_tensors
+    query, neg, pos = tensors[0], tensors[1], tensors[2]
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and pos is not None, ctx.needs_input_grad[1]]
+    # Under torch.compile the recomputation goes through the loss_scalar op rather than the backend
+    # directly, so that it is traced as an opaque op with a fake implementation (the triton backend
+    # cannot launch kernels on the fake tensors of a trace).
+    scalar = _scalar_impl if getattr(ctx, "eager", False) else loss_scalar
+    with torch.no_grad():
+        _, gq, gp, gn = scalar(*tensors, *ctx.static, grad_rows.to(acc_dtype(query.dtype)), needs)
+    grads: list[Tensor | None] = [None] * 16
+    grads[0] = gq.to(query.dtype) if needs[0] else None
+    grads[1] = gn.to(neg.dtype) if needs[2] else None
+    grads[2] = gp.to(pos.dtype) if needs[1] else None
+    return _first_order_only(grads)
+
+
+def _scalar_setup(ctx, inputs, output):
+    _, gq, gp, gn = output
+    ctx.save_for_backward(gq, gp, gn)
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[2].dtype if inputs[2] is not None else None)
+    ctx.mark_non_differentiable(gq, gp, gn)
+    ctx.set_materialize_grads(False)  # the gradient outputs get no upstream gradient: no zero tensors
+
+
+def _scalar_backward(ctx, grad_total, *_unused):
+    gq, gp, gn = ctx.saved_tensors
+    dq, dn, dp = ctx.dtypes
+
+    def scaled(g: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+        # fp32 × upstream first, then the input's dtype: a loss scale lifts small gradients above
+        # the 16-bit underflow before the cast.
+        return (g * grad_total).to(dtype) if (g.numel() and grad_total is not None) else None
+
+    grads: list[Tensor | None] = [None] * 18
+    with torch.no_grad():
+        grads[0], grads[1], grads[2] = scaled(gq, dq), scaled(gn, dn), scaled(gp, dp)
+    return _first_order_only(grads)
 
 
 def _state_setup(ctx, inputs, output):
@@ -165,44 +217,53 @@ def _state_setup(ctx, inputs, output):
 
 def _state_backward(ctx, grad_rows, _grad_state):
     *tensors, state = ctx.saved_tensors
-    query, pos = tensors[0], tensors[2]
+    query, neg, pos = tensors[0], tensors[1], tensors[2]
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and pos is not None, ctx.needs_input_grad[1]]
-    gq, gp, gn = grad_from_state(*tensors, *ctx.static, state, grad_rows.to(acc_dtype(query.dtype)), needs)
-    grads = [None] * 16
-    grads[0] = gq if needs[0] else None
-    grads[1] = gn if needs[2] else None
-    grads[2] = gp if needs[1] else None
-    return tuple(grads)
+    grad_op = _grad_state_impl if getattr(ctx, "eager", False) else grad_from_state
+    with torch.no_grad():  # the row scale is the upstream gradient: these gradients are final
+        gq, gp, gn = grad_op(*tensors, *ctx.static, state, grad_rows.to(acc_dtype(query.dtype)), needs)
+    grads: list[Tensor | None] = [None] * 16
+    grads[0] = gq.to(query.dtype) if needs[0] else None
+    grads[1] = gn.to(neg.dtype) if needs[2] else None
+    grads[2] = gp.to(pos.dtype) if needs[1] else None
+    return _first_order_only(grads)
 
 
+loss_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+loss_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
 loss_rows_state.register_autograd(_state_backward, setup_context=_state_setup)
 
 
-@torch.library.custom_op("fastrecloss::grad_from_state", mutates_args=())
-def grad_from_state(
-    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
-    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
-    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
-    deterministic: bool, state: Tensor, row_scale: Tensor, needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor]:
-    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
-                 layout, temperature)
-    gq, gp, gn = _backend(backend).backward_from_state(p, LossSpec.from_params(kind, params), state, row_scale,
-                                                       tuple(needs), deterministic)
-    return _cast(gq, query, query), _cast(gp, pos, query), _cast(gn, neg, query)
+def _eager_setup(setup):
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.eager = True
+
+    return staticmethod(setup_context)
 
 
-@grad_from_state.register_fake
-def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
-      temperature, kind, params, backend, deterministic, state, row_scale, needs):
-    return _fake_grads(query, pos, neg, needs)
+class _EagerRows(torch.autograd.Function):
+    """``loss_rows`` outside torch.compile: the same implementation and autograd rule, no custom op."""
+
+    forward = staticmethod(_rows_impl)
+    setup_context = _eager_setup(_rows_setup)
+    backward = staticmethod(_rows_backward)
 
 
-def _fake_grads(query: Tensor, pos: Tensor | None, neg: Tensor, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    def like(t, need):
-        return torch.empty_like(t) if (need and t is not None) else (t if t is not None else query).new_empty(0)
+class _EagerScalar(torch.autograd.Function):
+    forward = staticmethod(_scalar_impl)
+    setup_context = _eager_setup(_scalar_setup)
+    backward = staticmethod(_scalar_backward)
 
-    return like(query, needs[0]), like(pos, needs[1] and pos is not None), like(neg, needs[2])
+
+class _EagerState(torch.autograd.Function):
+    forward = staticmethod(_state_impl)
+    setup_context = _eager_setup(_state_setup)
+    backward = staticmethod(_state_backward)
+
+
+def _saves_state(backend: str, layout: str) -> bool:
+    return backend == "triton" and _backend("triton").saves_state(layout)
 
 
 def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
@@ -219,14 +280,24 @@ def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
     return total / weight.to(rows.dtype).sum().clamp_min(torch.finfo(rows.dtype).tiny)
 
 
+def check_backend_supports(spec: LossSpec, backend: str) -> None:
+    """Options a backend does not implement yet (one place, to delete when the kernels have them)."""
+    if backend == "triton" and (spec.label_smoothing or spec.z_loss):
+        raise NotImplementedError("label_smoothing and z_loss are not implemented in the triton kernels yet: "
+                                  "use backend='torch' for them")
+
+
 def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight: Tensor | None,
           reduction: str) -> Tensor:
-    """Run a fused backend with autograd; returns the reduced loss in the query's dtype."""
+    """Run a fused backend with autograd; returns the reduced loss in the accumulation dtype."""
+    check_backend_supports(spec, backend)
     args = [getattr(p, f) for f in _TENSOR_FIELDS]
     static = [p.layout, p.temperature, int(spec.kind), spec.params, backend, deterministic]
-    dtype = p.query.dtype
+    compiling = torch.compiler.is_compiling()
+    rows_op = loss_rows if compiling else _EagerRows.apply
+    scalar_op = loss_scalar if compiling else _EagerScalar.apply
     grad_on = torch.is_grad_enabled()
-    acc = acc_dtype(dtype)
+    acc = acc_dtype(p.query.dtype)
     # The per-row op recomputes the scores in its backward. It serves reduction='none', a weight
     # that needs a gradient (∂loss/∂w_r = L_r), and the layouts whose negatives' gradient is large:
     # per-row (as large as the input) and indexed (the whole item table). There, recomputing the
@@ -235,13 +306,16 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     # computes the gradients in the forward and treats the row scale as a constant.
     recompute = p.layout != "shared" or (weight is not None and weight.requires_grad and grad_on)
     if reduction == "none" or recompute:
-        rows = loss_rows_state(*args, *static)[0] if _saves_state(backend, p.layout) else loss_rows(*args, *static)
-        return reduce_rows(rows, weight, reduction).to(dtype)
+        if _saves_state(backend, p.layout):  # forward saves the row stats: a one-pass backward
+            rows = (loss_rows_state if compiling else _EagerState.apply)(*args, *static)[0]
+        else:
+            rows = rows_op(*args, *static)
+        return reduce_rows(rows, weight, reduction)
     needs = [grad_on and p.query.requires_grad,
              grad_on and p.pos is not None and p.pos.requires_grad,
              grad_on and p.neg.requires_grad]
     row_scale = weight.to(acc) if weight is not None else torch.ones(p.R, dtype=acc, device=p.query.device)
     if reduction == "mean":
         row_scale = row_scale / row_scale.sum().clamp_min(torch.finfo(acc).tiny)
-    total, *_ = loss_scalar(*args, *static, row_scale, needs)
-    return total.to(dtype)
+    total, *_ = scalar_op(*args, *static, row_scale, needs)
+    return total

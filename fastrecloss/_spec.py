@@ -3,12 +3,19 @@
 Every named loss is one :class:`LossSpec`: a kind (the contrastive ε/λ/μ family or one of the
 pointwise/pairwise losses) plus its hyper-parameters. Kernels receive ``kind`` as a
 ``tl.constexpr`` and the floats as scalars; the torch backend and the oracle read the same fields.
+
+``label_smoothing`` α and ``z_loss`` z (contrastive kind; ``softmax_ce`` exposes them) extend the
+row loss to ``L_r = −(1−α)·s_r+ + λ·(lse_r − μ·log n_r) + z·lse_r² − α·mean_{j∈J_r} s_rj`` with
+``lse_r = log(ε·e^{s_r+} + Σ_j e^{s_rj})``; for ``softmax_ce`` (ε = 0, λ = 1, μ = 0, J_r = the
+catalogue, target included) that is ``F.cross_entropy(..., label_smoothing=α) + z·lse²`` (PaLM).
+Their gradients: ``g_rj = (λ + 2z·lse_r)·e^{s_rj}/S_r − α/n_r`` for each unmasked j,
+``g_r+ = −(1−α) + (λ + 2z·lse_r)·ε·e^{s_r+}/S_r``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 
 import torch
@@ -23,6 +30,12 @@ class Kind(IntEnum):
     CCL = 3  # relu(1 - s+) + w agg_j relu(s_j - m)
 
 
+# name -> (lower bound or None, upper bound or None) for the float hyper-parameters.
+_BOUNDS = {"eps": (0.0, None), "lam": (0.0, None), "mu": (None, None), "beta": (0.0, None),
+           "margin": (None, None), "neg_weight": (0.0, None), "label_smoothing": (0.0, 1.0), "z_loss": (0.0, None)}
+_WHY = {"eps": " (it weights e^(s+) inside a log)"}
+
+
 @dataclass(frozen=True)
 class LossSpec:
     kind: Kind
@@ -33,30 +46,32 @@ class LossSpec:
     margin: float = 0.5  # CCL margin m
     neg_weight: float = 1.0  # CCL negative weight w
     neg_sum: bool = False  # pointwise losses: sum (True) or mean (False) over negatives
+    label_smoothing: float = 0.0  # α (contrastive): F.cross_entropy's label smoothing over the candidates
+    z_loss: float = 0.0  # z (contrastive): coefficient of lse² (PaLM's z-loss)
 
     def __post_init__(self) -> None:
-        for name in ("eps", "lam", "mu", "beta", "margin", "neg_weight"):
+        for name, (lo, hi) in _BOUNDS.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0 (it weights e^(s+) inside a log), got {self.eps}")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.neg_weight < 0:
-            raise ValueError(f"neg_weight must be >= 0, got {self.neg_weight}")
+            if lo is not None and value < lo:
+                raise ValueError(f"{name} must be >= {lo:g}{_WHY.get(name, '')}, got {value}")
+            if hi is not None and value > hi:
+                raise ValueError(f"{name} must be <= {hi:g}, got {value}")
+        if not isinstance(self.neg_sum, bool):
+            raise TypeError(f"neg_sum must be a bool, got {type(self.neg_sum).__name__}")
+        if self.kind != Kind.CONTRASTIVE and (self.label_smoothing or self.z_loss):
+            raise ValueError("label_smoothing and z_loss apply to the contrastive (softmax) losses only")
 
     @property
     def params(self) -> list[float]:
-        """The float hyper-parameters in a fixed order (what a custom op carries)."""
-        return [float(x) for x in astuple(self)[1:]]
+        """The hyper-parameters after ``kind`` in field order, as floats (what a custom op carries)."""
+        return [float(getattr(self, f.name)) for f in fields(self)[1:]]
 
     @classmethod
     def from_params(cls, kind: int, params: list[float]) -> LossSpec:
-        *floats, neg_sum = params
-        return cls(Kind(kind), *floats, neg_sum=bool(neg_sum))
+        values = {f.name: (bool(v) if f.type in ("bool", bool) else v) for f, v in zip(fields(cls)[1:], params)}
+        return cls(Kind(kind), **values)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,8 +79,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def contrastive(eps: float, lam: float, mu: float) -> LossSpec:
-    return LossSpec(Kind.CONTRASTIVE, eps=eps, lam=lam, mu=mu)
+def contrastive(eps: float, lam: float, mu: float, **extra: float) -> LossSpec:
+    return LossSpec(Kind.CONTRASTIVE, eps=eps, lam=lam, mu=mu, **extra)
 
 
 def neg_sum_flag(neg_reduction: str) -> bool:

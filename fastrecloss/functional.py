@@ -5,29 +5,38 @@ functions below only name the parameterisation. Common keywords:
 
 ``temperature`` τ; ``neg_idx`` [R, N] (indexed layout, ``neg`` is then the item table [I, d]);
 ``pos_idx`` [R] (positives as rows of ``neg``); ``log_q`` / ``pos_log_q`` sampling corrections
-subtracted from the scores; ``pos_ids`` / ``neg_ids`` with ``remove_accidental_hits`` mask
-negatives that are the row's own positive; ``neg_mask`` (bool, True = excluded);
-``in_batch=True`` uses ``pos`` as the shared negatives (row r's positive is column r, which is
-excluded); ``weight`` [R] per-row weights (0 ignores a row); ``reduction`` 'mean' (divides by
-the summed weight), 'sum' or 'none'; ``backend`` 'auto', 'reference', 'torch' or 'triton';
-``deterministic`` bit-identical item gradients run to run.
+subtracted from the scores (``pos_log_q`` defaults to the positive's own ``log_q`` entry when the
+positive is one of the candidates ``log_q`` corrects: in-batch, or ``pos_idx`` with a per-item
+``log_q``); ``pos_ids`` / ``neg_ids`` with ``remove_accidental_hits=True`` mask negatives that
+are the row's own positive; ``neg_mask`` (bool, True = excluded); ``in_batch=True`` uses ``pos``
+as the shared negatives (row r's positive is column r, which is excluded); ``weight`` [R] per-row
+weights (finite, ≥ 0; 0 ignores a row); ``reduction`` 'mean' (divides by the summed weight),
+'sum' or 'none'; ``backend`` 'auto', 'reference', 'torch' or 'triton'; ``deterministic``
+bit-identical item gradients run to run; ``ignore_index`` (−100) a ``pos_idx``/target equal to
+it ignores the row, a ``neg_idx`` entry equal to it is a masked negative. README "Conventions".
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import _ops
-from ._problem import BACKENDS, REDUCTIONS, _check_range, _check_shape, build_problem, check_choice, check_weight
-from ._spec import Kind, LossSpec, contrastive, neg_sum_flag
+from ._problem import BACKENDS, IGNORE_INDEX, REDUCTIONS, build_problem, check_choice, check_flag, check_weight
+from ._spec import Kind, LossSpec, acc_dtype, contrastive, neg_sum_flag
 from .backends import reference
 
 __all__ = [
     "sampled_logsumexp", "infonce", "infonce_plus", "dcl", "mine", "mine_plus", "softmax_ce",
     "bpr", "bce", "ccl", "compute_loss",
 ]
+
+COMMON = ("temperature", "neg_idx", "pos_idx", "log_q", "pos_log_q", "pos_ids", "neg_ids", "remove_accidental_hits",
+          "neg_mask", "in_batch", "weight", "reduction", "backend", "deterministic", "ignore_index")
 
 
 def triton_available() -> bool:
@@ -45,6 +54,23 @@ def resolve_backend(backend: str, query: Tensor) -> str:
     if backend == "triton" and not triton_available():
         raise ValueError("backend='triton' needs the triton package: pip install 'fastrecloss[triton]'")
     return backend
+
+
+@contextlib.contextmanager
+def _named(fn: str) -> Iterator[None]:
+    """Prefix validation errors with the public function's name."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if str(e).startswith(f"{fn}: "):
+            raise
+        raise type(e)(f"{fn}: {e}") from None
+
+
+def _autocast_off(device: torch.device) -> tuple[bool, contextlib.AbstractContextManager]:
+    """(autocast was on, a context that turns it off): the backends choose their own precision."""
+    on = device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device.type)
+    return on, (torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext())
 
 
 def compute_loss(
@@ -67,91 +93,143 @@ def compute_loss(
     reduction: str = "mean",
     backend: str = "auto",
     deterministic: bool = False,
+    ignore_index: int | None = IGNORE_INDEX,
     _need_pos: bool = True,
+    _name: str = "compute_loss",
+    _names: Mapping[str, str] | None = None,
 ) -> Tensor:
-    """Any loss of SPEC §2 given as a :class:`LossSpec` (the named functions call this)."""
-    check_choice("reduction", reduction, REDUCTIONS)
-    p = build_problem(query, pos, neg, temperature=temperature, neg_idx=neg_idx, pos_idx=pos_idx, log_q=log_q,
-                      pos_log_q=pos_log_q, pos_ids=pos_ids, neg_ids=neg_ids,
-                      remove_accidental_hits=remove_accidental_hits, neg_mask=neg_mask, in_batch=in_batch,
-                      need_pos=_need_pos)
-    check_weight(weight, p.R, query.device)
-    if spec.kind != Kind.CONTRASTIVE and not p.has_pos:
-        raise ValueError("bpr/bce/ccl need a positive: pass pos [R, d] or pos_idx [R]")
-    name = resolve_backend(backend, query)
-    if name == "reference":
-        if p.R == 0:
-            return _ops.reduce_rows(query.sum(dim=1) * 0, weight, reduction)
-        return _ops.reduce_rows(reference.row_losses(p, spec), weight, reduction)
-    return _ops.apply(p, spec, name, deterministic, weight, reduction)
+    """Any loss of SPEC §2 given as a :class:`LossSpec` (the named functions call this).
+
+    Returns the loss in the inputs' dtype (float32 for mixed 16-bit/fp32 inputs, and under
+    ``torch.autocast`` as ``F.cross_entropy`` does), accumulated in fp32 (fp64 for fp64 inputs)."""
+    with _named(_name):
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_flag("deterministic", deterministic)
+        p = build_problem(query, pos, neg, temperature=temperature, neg_idx=neg_idx, pos_idx=pos_idx, log_q=log_q,
+                          pos_log_q=pos_log_q, pos_ids=pos_ids, neg_ids=neg_ids,
+                          remove_accidental_hits=remove_accidental_hits, neg_mask=neg_mask, in_batch=in_batch,
+                          need_pos=_need_pos, ignore_index=ignore_index, names=_names)
+        check_weight(weight, p.R, query.device)
+        if spec.kind != Kind.CONTRASTIVE and not p.has_pos:
+            raise ValueError("bpr/bce/ccl need a positive: pass pos [R, d] or pos_idx [R]")
+        name = resolve_backend(backend, query)
+    if p.keep is not None:  # rows whose target is ignore_index count with weight 0
+        weight = p.keep.to(acc_dtype(p.query.dtype)) if weight is None else weight * p.keep.to(weight.dtype)
+    autocast, no_autocast = _autocast_off(p.query.device)
+    out_dtype = acc_dtype(p.query.dtype) if autocast else p.query.dtype
+    with no_autocast:
+        if name == "reference":
+            rows = reference.row_losses(p, spec) if p.R else p.query.sum(dim=1) * 0
+            loss = _ops.reduce_rows(rows, weight, reduction)
+        else:
+            loss = _ops.apply(p, spec, name, deterministic, weight, reduction)
+    return loss.to(out_dtype)
+
+
+_SPECS: dict[str, Callable[..., LossSpec]] = {
+    "sampled_logsumexp": lambda: contrastive(0.0, 1.0, 0.0),
+    "infonce": lambda: contrastive(1.0, 1.0, 0.0),
+    "infonce_plus": lambda eps, lam: contrastive(eps, lam, 0.0),
+    "dcl": lambda: contrastive(0.0, 1.0, 0.0),
+    "mine": lambda: contrastive(0.0, 1.0, 1.0),
+    "mine_plus": lambda lam: contrastive(0.0, lam, 1.0),
+    "softmax_ce": lambda label_smoothing, z_loss: contrastive(0.0, 1.0, 0.0, label_smoothing=label_smoothing,
+                                                              z_loss=z_loss),
+    "bpr": lambda neg_reduction: LossSpec(Kind.BPR, neg_sum=neg_sum_flag(neg_reduction)),
+    "bce": lambda beta, neg_reduction: LossSpec(Kind.BCE, beta=beta, neg_sum=neg_sum_flag(neg_reduction)),
+    "ccl": lambda margin, neg_weight, neg_reduction: LossSpec(Kind.CCL, margin=margin, neg_weight=neg_weight,
+                                                              neg_sum=neg_sum_flag(neg_reduction)),
+}
+
+
+def loss_spec(fn: str, **hparams: Any) -> LossSpec:
+    """The :class:`LossSpec` of the named loss with these hyper-parameters (errors name ``fn``)."""
+    with _named(fn):
+        return _SPECS[fn](**hparams)
+
+
+def _loss(fn: str, query: Tensor, pos: Tensor | None, neg: Tensor | None, common: dict[str, Any],
+          hparams: dict[str, Any] | None = None, **internal: Any) -> Tensor:
+    """Run the named loss; errors name ``fn`` (and its own argument names)."""
+    with _named(fn):
+        unknown = sorted(set(common) - set(COMMON))
+        if unknown:
+            raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}; the keywords are: "
+                            f"{', '.join(COMMON)}")
+    spec = loss_spec(fn, **(hparams or {}))
+    return compute_loss(spec, query, pos, neg, _name=fn, **internal, **common)
 
 
 def sampled_logsumexp(query: Tensor, neg: Tensor, *, reduction: str = "none", **common: Any) -> Tensor:
     """Corrected log-sum-exp over the negatives, log Σ_j e^{s_rj}, per row [R] (0 for an empty row)."""
-    return compute_loss(contrastive(0.0, 1.0, 0.0), query, None, neg, reduction=reduction, _need_pos=False,
-                        **common)
+    return _loss("sampled_logsumexp", query, None, neg, {"reduction": reduction, **common}, _need_pos=False)
 
 
 def infonce(query: Tensor, pos: Tensor | None, neg: Tensor | None, **common: Any) -> Tensor:
     """InfoNCE / sampled softmax: −s+ + log(e^{s+} + Σ_j e^{s_j}); with log_q = corrected SSM."""
-    return compute_loss(contrastive(1.0, 1.0, 0.0), query, pos, neg, **common)
+    return _loss("infonce", query, pos, neg, common)
 
 
 def infonce_plus(query: Tensor, pos: Tensor | None, neg: Tensor | None, *, eps: float = 0.0, lam: float = 1.1,
                  **common: Any) -> Tensor:
     """InfoNCE+ (Dong et al. 2023): −s+ + λ log(ε e^{s+} + Σ_j e^{s_j})."""
-    return compute_loss(contrastive(eps, lam, 0.0), query, pos, neg, **common)
+    return _loss("infonce_plus", query, pos, neg, common, {"eps": eps, "lam": lam})
 
 
 def dcl(query: Tensor, pos: Tensor | None, neg: Tensor | None, **common: Any) -> Tensor:
     """Decoupled contrastive loss: −s+ + log Σ_j e^{s_j} (positive removed from the denominator)."""
-    return compute_loss(contrastive(0.0, 1.0, 0.0), query, pos, neg, **common)
+    return _loss("dcl", query, pos, neg, common)
 
 
 def mine(query: Tensor, pos: Tensor | None, neg: Tensor | None, **common: Any) -> Tensor:
     """MINE: −s+ + log mean_j e^{s_j}."""
-    return compute_loss(contrastive(0.0, 1.0, 1.0), query, pos, neg, **common)
+    return _loss("mine", query, pos, neg, common)
 
 
 def mine_plus(query: Tensor, pos: Tensor | None, neg: Tensor | None, *, lam: float = 1.1, **common: Any) -> Tensor:
     """MINE+ (Dong et al. 2023): −s+ + λ log mean_j e^{s_j}."""
-    return compute_loss(contrastive(0.0, lam, 1.0), query, pos, neg, **common)
+    return _loss("mine_plus", query, pos, neg, common, {"lam": lam})
 
 
-def softmax_ce(query: Tensor, table: Tensor, target: Tensor, **common: Any) -> Tensor:
+def softmax_ce(query: Tensor, table: Tensor, target: Tensor, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
+               **common: Any) -> Tensor:
     """Full-catalogue softmax cross-entropy: −s_target + log Σ_{i∈catalogue} e^{s_i}.
 
-    ``table`` [I, d] is the whole catalogue, ``target`` int [R] the row's item. Never builds the
-    R×I logits in the torch/triton backends.
+    ``table`` [I, d] is the whole catalogue, ``target`` int [R] the row's item (``ignore_index``,
+    −100 by default, ignores a row). With ``log_q`` [I] this is ``F.cross_entropy(q @ tableᵀ/τ −
+    log_q, target)``; ``label_smoothing`` and ``z_loss`` (a coefficient on lse², PaLM) as in
+    ``F.cross_entropy``. Never builds the R×I logits in the torch/triton backends.
     """
-    for key in ("pos_idx", "neg_idx", "in_batch"):
-        if common.get(key) is not None and common.get(key) is not False:
-            raise ValueError(f"softmax_ce takes the catalogue as table and target; {key} is not accepted")
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be an integer tensor of shape [R], got {type(target).__name__}")
-    # Checked here so that the errors name ``target`` (it is passed on as ``pos_idx``).
-    if isinstance(query, Tensor) and query.dim() == 2:
-        _check_shape("target", target, (query.shape[0],), "[R]", kind="int")
-    if isinstance(table, Tensor) and table.dim() == 2:
-        _check_range("target", target, table.shape[0], "the catalogue table")
-    return compute_loss(contrastive(0.0, 1.0, 0.0), query, None, table, pos_idx=target, **common)
+    with _named("softmax_ce"):
+        for key in ("pos_idx", "neg_idx", "in_batch"):
+            if common.get(key) is not None and common.get(key) is not False:
+                raise ValueError(f"takes the catalogue as table and target; {key} is not accepted")
+        if target is None:
+            raise ValueError("target is required: an integer tensor of shape [R]")
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be an integer tensor of shape [R], got {type(target).__name__}")
+        if table is None:
+            raise ValueError("table is required: the catalogue's item vectors [I, d]")
+        if isinstance(table, Tensor) and table.dim() != 2:
+            raise ValueError(f"table must have shape [I, d] (the catalogue), got {tuple(table.shape)}")
+    return _loss("softmax_ce", query, None, table, {**common, "pos_idx": target},
+                 {"label_smoothing": label_smoothing, "z_loss": z_loss}, _names={"neg": "table", "pos_idx": "target"})
 
 
 def bpr(query: Tensor, pos: Tensor | None, neg: Tensor | None, *, neg_reduction: str = "mean",
         **common: Any) -> Tensor:
     """BPR: agg_j softplus(s_j − s+) (mean over unmasked negatives, or sum)."""
-    return compute_loss(LossSpec(Kind.BPR, neg_sum=neg_sum_flag(neg_reduction)), query, pos, neg, **common)
+    return _loss("bpr", query, pos, neg, common, {"neg_reduction": neg_reduction})
 
 
 def bce(query: Tensor, pos: Tensor | None, neg: Tensor | None, *, beta: float = 1.0, neg_reduction: str = "mean",
         **common: Any) -> Tensor:
     """BCE / gBCE: β softplus(−s+) + agg_j softplus(s_j) (β ≠ 1 is gSASRec's gBCE)."""
-    spec = LossSpec(Kind.BCE, beta=beta, neg_sum=neg_sum_flag(neg_reduction))
-    return compute_loss(spec, query, pos, neg, **common)
+    return _loss("bce", query, pos, neg, common, {"beta": beta, "neg_reduction": neg_reduction})
 
 
 def ccl(query: Tensor, pos: Tensor | None, neg: Tensor | None, *, margin: float = 0.5, neg_weight: float = 1.0,
         neg_reduction: str = "mean", **common: Any) -> Tensor:
     """Cosine contrastive loss (SimpleX): relu(1 − s+) + w · agg_j relu(s_j − m)."""
-    spec = LossSpec(Kind.CCL, margin=margin, neg_weight=neg_weight, neg_sum=neg_sum_flag(neg_reduction))
-    return compute_loss(spec, query, pos, neg, **common)
+    return _loss("ccl", query, pos, neg, common, {"margin": margin, "neg_weight": neg_weight,
+                                                  "neg_reduction": neg_reduction})

@@ -16,29 +16,53 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._problem import BACKENDS, REDUCTIONS, check_choice
+from ._problem import (
+    BACKENDS,
+    IGNORE_INDEX,
+    REDUCTIONS,
+    check_choice,
+    check_flag,
+    check_ignore_index,
+    check_temperature,
+)
 
 _ROW_ARGS = ("pos_idx", "pos_log_q", "pos_ids", "weight")
 
 
 class _RecLoss(nn.Module):
-    """Common machinery; subclasses set ``fn`` and their hyper-parameters."""
+    """Common machinery; subclasses name their loss (``loss``) and pass their hyper-parameters.
 
-    fn: Callable[..., Tensor]
+    Every keyword is checked at construction: an unknown one is a ``TypeError`` (Python's own,
+    the signatures are explicit), a bad value a ``ValueError``/``TypeError`` naming the class."""
+
+    loss: str
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
-                 remove_accidental_hits: bool = False, deterministic: bool = False, **hparams: Any) -> None:
+                 remove_accidental_hits: bool = False, deterministic: bool = False,
+                 ignore_index: int | None = IGNORE_INDEX) -> None:
         super().__init__()
-        check_choice("reduction", reduction, REDUCTIONS)
-        check_choice("backend", backend, BACKENDS)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        with F._named(type(self).__name__):
+            check_choice("reduction", reduction, REDUCTIONS)
+            check_choice("backend", backend, BACKENDS)
+            self.temperature = check_temperature(temperature)
+            check_flag("remove_accidental_hits", remove_accidental_hits)
+            check_flag("deterministic", deterministic)
+            check_ignore_index(ignore_index)
         self.reduction = reduction
         self.backend = backend
         self.remove_accidental_hits = remove_accidental_hits
         self.deterministic = deterministic
+        self.ignore_index = ignore_index
+        self.hparams: dict[str, Any] = {}
+
+    def _set_hparams(self, **hparams: Any) -> None:
+        """Hold (and validate now, not at the first forward) the loss's own hyper-parameters."""
+        F.loss_spec(self.loss, **hparams)
         self.hparams = hparams
+
+    @property
+    def fn(self) -> Callable[..., Tensor]:
+        return getattr(F, self.loss)
 
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={v}" for k, v in self.hparams.items())
@@ -81,9 +105,9 @@ class _RecLoss(nn.Module):
             if kwargs.get("in_batch"):  # a padded row's positive is no negative of the other rows either
                 mask = kwargs.get("neg_mask")
                 kwargs["neg_mask"] = pad if mask is None else mask | (pad if mask.dim() == 1 else pad[None, :])
-        out = type(self).fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction,
-                            backend=self.backend, remove_accidental_hits=self.remove_accidental_hits,
-                            deterministic=self.deterministic, **self.hparams, **kwargs)
+        out = self._fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction, backend=self.backend,
+                       remove_accidental_hits=self.remove_accidental_hits, deterministic=self.deterministic,
+                       ignore_index=self.ignore_index, **self.hparams, **kwargs)
         return out.reshape(lead) if self.reduction == "none" else out
 
     def forward(self, query: Tensor, pos: Tensor | None = None, neg: Tensor | None = None, *,
@@ -92,65 +116,79 @@ class _RecLoss(nn.Module):
         ``neg_idx=`` [..., N]; any other keyword of :mod:`fastrecloss.functional`."""
         return self._call(query, pos, neg, padding_mask, dict(kwargs))
 
+    def _fn(self, query: Tensor, pos: Tensor | None, neg: Tensor | None, **kw: Any) -> Tensor:
+        return self.fn(query, pos, neg, **kw)
+
 
 class InfoNCELoss(_RecLoss):
     """InfoNCE / sampled softmax (pass ``log_q`` for the logQ-corrected sampled softmax)."""
 
-    fn = staticmethod(F.infonce)
+    loss = "infonce"
 
 
 class InfoNCEPlusLoss(_RecLoss):
-    fn = staticmethod(F.infonce_plus)
+    loss = "infonce_plus"
 
     def __init__(self, *, eps: float = 0.0, lam: float = 1.1, **kw: Any) -> None:
-        super().__init__(eps=eps, lam=lam, **kw)
+        super().__init__(**kw)
+        self._set_hparams(eps=eps, lam=lam)
 
 
 class DCLLoss(_RecLoss):
-    fn = staticmethod(F.dcl)
+    loss = "dcl"
 
 
 class MINELoss(_RecLoss):
-    fn = staticmethod(F.mine)
+    loss = "mine"
 
 
 class MINEPlusLoss(_RecLoss):
-    fn = staticmethod(F.mine_plus)
+    loss = "mine_plus"
 
     def __init__(self, *, lam: float = 1.1, **kw: Any) -> None:
-        super().__init__(lam=lam, **kw)
+        super().__init__(**kw)
+        self._set_hparams(lam=lam)
 
 
 class BPRLoss(_RecLoss):
-    fn = staticmethod(F.bpr)
+    loss = "bpr"
 
     def __init__(self, *, neg_reduction: str = "mean", **kw: Any) -> None:
-        super().__init__(neg_reduction=neg_reduction, **kw)
+        super().__init__(**kw)
+        self._set_hparams(neg_reduction=neg_reduction)
 
 
 class BCELoss(_RecLoss):
     """BCE, or gBCE (gSASRec) with ``beta`` ≠ 1."""
 
-    fn = staticmethod(F.bce)
+    loss = "bce"
 
     def __init__(self, *, beta: float = 1.0, neg_reduction: str = "mean", **kw: Any) -> None:
-        super().__init__(beta=beta, neg_reduction=neg_reduction, **kw)
+        super().__init__(**kw)
+        self._set_hparams(beta=beta, neg_reduction=neg_reduction)
 
 
 class CCLLoss(_RecLoss):
-    fn = staticmethod(F.ccl)
+    loss = "ccl"
 
     def __init__(self, *, margin: float = 0.5, neg_weight: float = 1.0, neg_reduction: str = "mean",
                  **kw: Any) -> None:
-        super().__init__(margin=margin, neg_weight=neg_weight, neg_reduction=neg_reduction, **kw)
+        super().__init__(**kw)
+        self._set_hparams(margin=margin, neg_weight=neg_weight, neg_reduction=neg_reduction)
 
 
 class SoftmaxCELoss(_RecLoss):
-    """Full-catalogue softmax cross-entropy: ``loss(query [..., d], table [I, d], target [...])``."""
+    """Full-catalogue softmax cross-entropy: ``loss(query [..., d], table [I, d], target [...])``; a target
+    equal to ``ignore_index`` (−100) is ignored like a padded row."""
 
-    @staticmethod
-    def fn(query: Tensor, pos: Tensor | None, table: Tensor, *, pos_idx: Tensor, **kw: Any) -> Tensor:
-        return F.softmax_ce(query, table, pos_idx, **kw)
+    loss = "softmax_ce"
+
+    def __init__(self, *, label_smoothing: float = 0.0, z_loss: float = 0.0, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._set_hparams(label_smoothing=label_smoothing, z_loss=z_loss)
+
+    def _fn(self, query: Tensor, pos: Tensor | None, table: Tensor, **kw: Any) -> Tensor:
+        return F.softmax_ce(query, table, kw.pop("pos_idx"), **kw)
 
     def forward(self, query: Tensor, table: Tensor, target: Tensor, *,  # type: ignore[override]
                 padding_mask: Tensor | None = None, **kwargs: Any) -> Tensor:

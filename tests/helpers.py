@@ -203,10 +203,10 @@ def make_inputs(
 
 def _add_hits(out: Inputs, layout: str, R: int, N: int, gen: torch.Generator) -> None:
     """Accidental hits: ids such that about half of the rows meet their own positive among the negatives."""
+    out["remove_accidental_hits"] = True
     if out.get("in_batch"):
         out["pos_ids"] = _randint(gen, max(R // 2, 1), R)  # duplicate ids: other columns are hits too
         return
-    out["remove_accidental_hits"] = True
     if layout == "indexed":
         if "pos_idx" not in out:  # the negatives' ids are neg_idx itself
             pos_ids = _randint(gen, out["neg"].shape[0], R)

@@ -64,6 +64,13 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("tau-negative", lambda: F.infonce(q, p, neg, temperature=-0.1), ValueError, "temperature"),
     ("tau-nan", lambda: F.infonce(q, p, neg, temperature=float("nan")), ValueError, "temperature"),
     ("tau-tensor", lambda: F.infonce(q, p, neg, temperature=torch.tensor(0.5)), TypeError, "temperature"),
+    ("tau-inf", lambda: F.infonce(q, p, neg, temperature=float("inf")), ValueError, "temperature"),
+    ("label-smoothing-above-1", lambda: F.softmax_ce(q, table, pidx, label_smoothing=1.5), ValueError,
+     "label_smoothing"),
+    ("label-smoothing-negative", lambda: F.softmax_ce(q, table, pidx, label_smoothing=-0.1), ValueError,
+     "label_smoothing"),
+    ("z-loss-negative", lambda: F.softmax_ce(q, table, pidx, z_loss=-1e-4), ValueError, "z_loss"),
+    ("z-loss-nan", lambda: F.softmax_ce(q, table, pidx, z_loss=float("nan")), ValueError, "z_loss"),
     ("lam-negative", lambda: F.infonce_plus(q, p, neg, lam=-0.1), ValueError, "lam"),
     ("lam-negative-mine", lambda: F.mine_plus(q, p, neg, lam=-1.0), ValueError, "lam"),
     ("lam-nan", lambda: F.mine_plus(q, p, neg, lam=float("nan")), ValueError, "lam"),
@@ -85,6 +92,30 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("weight-column", lambda: F.infonce(q, p, neg, weight=torch.ones(R, 1)), ValueError, "weight"),
     ("weight-bool", lambda: F.infonce(q, p, neg, weight=torch.ones(R, dtype=b)), TypeError, "weight"),
     ("weight-int", lambda: F.infonce(q, p, neg, weight=torch.ones(R, dtype=torch.long)), TypeError, "weight"),
+    ("weight-negative", lambda: F.infonce(q, p, neg, weight=torch.tensor([1.0, -0.5, 1.0, 1.0])), ValueError,
+     "weight"),
+    ("weight-nan", lambda: F.bpr(q, p, neg, weight=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError,
+     "weight"),
+    ("weight-inf", lambda: F.softmax_ce(q, table, pidx, weight=torch.full((R,), float("inf"))), ValueError,
+     "weight"),
+    # flags must be bool, ignore_index an int
+    ("flag-in-batch", lambda: F.infonce(q, p, None, in_batch="yes"), TypeError, "in_batch"),
+    ("flag-hits", lambda: F.infonce(q, p, neg, remove_accidental_hits=1, pos_ids=pidx, neg_ids=torch.arange(N)),
+     TypeError, "remove_accidental_hits"),
+    ("flag-deterministic", lambda: F.bpr(q, p, neg, deterministic="no"), TypeError, "deterministic"),
+    ("ignore-index-float", lambda: F.softmax_ce(q, table, pidx, ignore_index=-1.0), TypeError, "ignore_index"),
+    # misspelt keywords name the loss function and the keyword
+    ("unknown-keyword", lambda: F.infonce(q, p, neg, temprature=0.1), TypeError, "temprature"),
+    ("unknown-keyword-softmax", lambda: F.softmax_ce(q, table, pidx, label_smothing=0.1), TypeError,
+     "label_smothing"),
+    ("module-unknown-keyword", lambda: fastrecloss.InfoNCELoss(temprature=0.1), TypeError, "temprature"),
+    ("module-unknown-keyword-hparams", lambda: fastrecloss.BCELoss(beta=0.5, margin=0.1), TypeError, "margin"),
+    ("module-bad-hparam", lambda: fastrecloss.MINEPlusLoss(lam=-1.0), ValueError, "lam"),
+    ("module-bad-neg-reduction", lambda: fastrecloss.BPRLoss(neg_reduction="max"), ValueError, "neg_reduction"),
+    ("module-bad-flag", lambda: fastrecloss.DCLLoss(remove_accidental_hits="yes"), TypeError,
+     "remove_accidental_hits"),
+    ("module-bad-label-smoothing", lambda: fastrecloss.SoftmaxCELoss(label_smoothing=2.0), ValueError,
+     "label_smoothing"),
     ("log-q-shared", lambda: F.infonce(q, p, neg, log_q=torch.zeros(1)), ValueError, "log_q"),
     ("log-q-per-row", lambda: F.infonce(q, p, per_row, log_q=torch.zeros(N)), ValueError, "log_q"),
     ("log-q-indexed", lambda: F.infonce(q, p, table, neg_idx=idx, log_q=torch.zeros(R, N)), ValueError, "log_q"),
@@ -101,8 +132,9 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      ValueError, "neg_mask"),
     # mixed dtypes / devices
     ("mixed-neg", lambda: F.infonce(q, p, neg.double()), TypeError, "neg"),
-    ("mixed-pos", lambda: F.infonce(q, p.bfloat16(), neg), TypeError, "pos"),
-    ("mixed-table", lambda: F.infonce(q, p, table.half(), neg_idx=idx), TypeError, "neg"),
+    ("mixed-pos", lambda: F.infonce(q, p.double(), neg), TypeError, "pos"),
+    ("mixed-table", lambda: F.infonce(q.double(), p.double(), table, neg_idx=idx), TypeError, "neg"),
+    ("mixed-softmax-table", lambda: F.softmax_ce(q.double(), table, pidx), TypeError, "table"),
     ("mixed-in-batch", lambda: F.infonce(q, p.double(), None, in_batch=True), TypeError, "pos"),
     ("device-neg", lambda: F.infonce(q, p, neg.to("meta")), ValueError, "neg"),
     # accidental hits and positives
@@ -123,6 +155,22 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("in-batch-with-neg", lambda: F.infonce(q, p, neg, in_batch=True), ValueError, "neg"),
     ("lse-with-positive", lambda: F.sampled_logsumexp(q, table, neg_idx=idx, pos_idx=pidx), ValueError, "positive"),
     ("softmax-ce-neg-idx", lambda: F.softmax_ce(q, table, pidx, neg_idx=idx), ValueError, "neg_idx"),
+    # softmax_ce names its own arguments: table and target (not neg / pos_idx)
+    ("softmax-ce-d-table", lambda: F.softmax_ce(q, torch.randn(I, D + 1), pidx), ValueError, "table"),
+    ("softmax-ce-int-table", lambda: F.softmax_ce(q, table.long(), pidx), TypeError, "table"),
+    ("softmax-ce-3d-table", lambda: F.softmax_ce(q, per_row, pidx), ValueError, "table"),
+    ("softmax-ce-no-table", lambda: F.softmax_ce(q, None, pidx), ValueError, "table"),
+    ("softmax-ce-target-rows", lambda: F.softmax_ce(q, table, pidx[:2]), ValueError, "target"),
+    ("softmax-ce-target-high", lambda: F.softmax_ce(q, table, torch.full((R,), I)), ValueError, "target"),
+    ("softmax-ce-target-none", lambda: F.softmax_ce(q, table, None), ValueError, "target"),
+    ("range-target-not-ignore-index", lambda: F.softmax_ce(q, table, torch.full((R,), -100), ignore_index=-1),
+     ValueError, "target"),
+    ("range-neg-idx-not-ignore-index", lambda: F.infonce(q, p, table, neg_idx=idx.clone().fill_(-1)), ValueError,
+     "neg_idx"),
+    ("in-batch-pos-ids-without-flag", lambda: F.infonce(q, p, None, in_batch=True, pos_ids=pidx), ValueError,
+     "remove_accidental_hits"),
+    ("in-batch-flag-without-pos-ids", lambda: F.infonce(q, p, None, in_batch=True, remove_accidental_hits=True),
+     ValueError, "pos_ids"),
     # modules: the leading shape of per-row arguments must match the query's
     ("module-pos-shape", lambda: fastrecloss.InfoNCELoss()(q.view(2, 2, D), p, neg), ValueError, "pos"),
     ("module-padding-shape", lambda: fastrecloss.InfoNCELoss()(q.view(2, 2, D), p.view(2, 2, D), neg,
@@ -150,6 +198,26 @@ def _with_backend(fn: Callable[..., object], backend: str) -> Callable[..., obje
         return fn(*args, **kwargs)
 
     return call
+
+
+# (call, the public function its message must start with)
+PREFIXED = [
+    (lambda: F.softmax_ce(q, torch.randn(I, D + 1), pidx), "softmax_ce"),
+    (lambda: F.infonce(q, p, neg, temperature=0.0), "infonce"),
+    (lambda: F.mine_plus(q, p, neg, lam=-1.0), "mine_plus"),
+    (lambda: F.bce(q, p, neg, weight=torch.ones(R - 1)), "bce"),
+    (lambda: F.ccl(q, p, neg, margin=float("nan")), "ccl"),
+    (lambda: F.sampled_logsumexp(q, neg, pos_idx=pidx), "sampled_logsumexp"),
+    (lambda: F.bpr(q, p, neg, temprature=1.0), "bpr"),
+]
+
+
+@pytest.mark.parametrize(("call", "fn"), PREFIXED, ids=[f for _, f in PREFIXED])
+def test_errors_name_the_public_function(call: Callable[[], object], fn: str) -> None:
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    assert str(info.value).startswith(f"{fn}: "), info.value
+    assert "compute_loss" not in str(info.value)
 
 
 def test_errors_raise_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:

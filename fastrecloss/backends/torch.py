@@ -6,12 +6,15 @@ per-row and indexed layouts, cache-sized column blocks of the catalogue for the 
 1. Per tile: scores (a GEMM for the shared layout, a batched matvec for the gathered ones), the
    logQ correction and the masks (−inf), then the tile's row statistics while it is in cache —
    the contrastive kinds turn the tile into e^{s − m_t} with its own row max m_t and keep m_t and
-   Σ e^{s − m_t} (an online log-sum-exp over tiles; m_t = 0 when |s| is provably small); the
+   Σ e^{s − m_t} (an online log-sum-exp over tiles; Σ_j s_j too under label smoothing); the
    pointwise kinds add up their loss terms and turn the tile into the unscaled derivative
    (sigmoid / indicator).
 2. The rows' losses and a per-row factor (λ e^{m_t − M} / Σ for the softmax, 1/n for a mean over
    negatives, times the upstream gradient and 1/τ); then the gradient GEMMs over the whole chunk,
    gq = f ⊙ (E V) and gV += Eᵀ (f ⊙ q), with the factor on their small operands.
+
+A ``neg_idx`` entry outside [0, I) is a masked negative (gathered as row 0, then masked). Nothing
+reads a tensor's value back to the host: the max shift is always taken (one amax per tile).
 
 The chunk's scores live in one reused fp32 buffer [chunk, N] (a tile-sized one when no gradient
 is wanted). Peak extra memory is O(chunk·N + chunk·N·d for gathered layouts + R·d + N·d); no R×N
@@ -43,9 +46,6 @@ MAX_SCORE_ELEMENTS = 1 << 25
 # machine's caches (2 MiB L2 per core, 32 MiB L3) while its elementwise passes run.
 TILE_ELEMENTS = 1 << 20
 
-# e^s is taken without subtracting the row max when |s| provably stays below this bound (then
-# neither e^s nor a sum of up to e^40 such terms leaves the fp32 range).
-EXP_SAFE_BOUND = 40.0
 
 
 def chunk_rows(p: Problem) -> int:
@@ -69,18 +69,14 @@ def _softplus_sum(s: Tensor, aux: Tensor | None) -> Tensor:
     return torch.logaddexp(s, s.new_zeros(()), out=aux).sum(dim=1)
 
 
-def tile_pass(spec: LossSpec, s: Tensor, s_pos: Tensor | None, aux: Tensor | None,
-              shift: bool = True) -> tuple[Tensor, Tensor | None]:
+def tile_pass(spec: LossSpec, s: Tensor, s_pos: Tensor | None, aux: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Pass 1 on a tile ``s`` [c, w] of scores (−inf = masked); rewrites it in place.
 
     Contrastive: s ← e^{s − m_t}; returns (m_t, Σ_j e^{s_j − m_t}), with m_t the tile's row max
-    (−inf for a row whose tile is fully masked), or m_t = 0 when ``shift`` is False (the caller
-    has bounded |s| so that e^s cannot overflow). Pointwise: s ← ∂ℓ/∂s_j unscaled; returns
+    (−inf for a row whose tile is fully masked). Pointwise: s ← ∂ℓ/∂s_j unscaled; returns
     (Σ_j ℓ_j, Σ_j ∂ℓ/∂s_j for BPR, else None). ``aux`` is optional scratch shaped like ``s``.
     """
     if spec.kind == Kind.CONTRASTIVE:
-        if not shift:
-            return s.new_zeros(s.shape[:1]), s.exp_().sum(dim=1)
         tile_max = s.amax(dim=1) if s.shape[1] else s.new_full(s.shape[:1], -math.inf)
         s.sub_(torch.where(torch.isfinite(tile_max), tile_max, 0)[:, None]).exp_()
         return tile_max, s.sum(dim=1)
@@ -100,10 +96,12 @@ def tile_pass(spec: LossSpec, s: Tensor, s_pos: Tensor | None, aux: Tensor | Non
     raise ValueError(f"unknown loss kind {spec.kind!r}")
 
 
-def finish_rows(spec: LossSpec, stats: list[tuple[Tensor, Tensor | None]], s_pos: Tensor | None,
-                n: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Row losses [c], g+ = ∂L/∂s+ [c] (or None) and the factors [c, T] that turn each pass-1
-    tile into g = ∂L/∂s, from the tiles' statistics. ``n`` [c] counts the unmasked negatives."""
+def finish_rows(spec: LossSpec, stats: list[tuple[Tensor, Tensor | None]], s_pos: Tensor | None, n: Tensor,
+                lin: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """Row losses [c], g+ = ∂L/∂s+ [c] (or None), the factors [c, T] that turn each pass-1 tile
+    into g = ∂L/∂s, and the constant [c] (or None) added to g at every unmasked negative, from the
+    tiles' statistics. ``n`` [c] counts the unmasked negatives, ``lin`` [c] sums their scores
+    (label smoothing)."""
     has_neg = n > 0
     zero = torch.zeros_like(n)
     if spec.kind == Kind.CONTRASTIVE:
@@ -121,26 +119,32 @@ def finish_rows(spec: LossSpec, stats: list[tuple[Tensor, Tensor | None]], s_pos
         if pos_exp is not None:
             sum_exp = sum_exp + pos_exp
         sum_exp = sum_exp.clamp_min(torch.finfo(n.dtype).tiny)
-        loss = spec.lam * (torch.log(sum_exp) + row_max - spec.mu * torch.log(n.clamp(min=1)))
+        lse = torch.log(sum_exp) + row_max
+        alpha = spec.label_smoothing
+        loss = spec.lam * (lse - spec.mu * torch.log(n.clamp(min=1))) + spec.z_loss * lse * lse
+        g_const = None
+        if alpha:  # α · (−mean of the unmasked scores); its gradient −α/n at each of them
+            loss = loss - alpha * lin / n.clamp(min=1)
+            g_const = torch.where(has_neg, -alpha / n.clamp(min=1), zero)
         if s_pos is not None:
-            loss = loss - s_pos
-        # g_j = λ softmax_j ; g+ = −1 + λ ε-share.
-        share = torch.where(has_neg, spec.lam / sum_exp, zero)
+            loss = loss - (1 - alpha) * s_pos
+        # g_j = (λ + 2z·lse) softmax_j (− α/n) ; g+ = −(1 − α) + (λ + 2z·lse) ε-share.
+        share = torch.where(has_neg, (spec.lam + 2 * spec.z_loss * lse) / sum_exp, zero)
         g_pos = None
         if s_pos is not None:
-            g_pos = torch.where(has_neg, -1 + (pos_exp * share if pos_exp is not None else 0), zero)
-        return torch.where(has_neg, loss, zero), g_pos, share[:, None] * tile_weight
+            g_pos = torch.where(has_neg, -(1 - alpha) + (pos_exp * share if pos_exp is not None else 0), zero)
+        return torch.where(has_neg, loss, zero), g_pos, share[:, None] * tile_weight, g_const
 
     denom = torch.ones_like(n) if spec.neg_sum else n.clamp(min=1)
     neg_loss = sum(loss for loss, _ in stats) / denom
     factor = (1 / denom)[:, None]
     if spec.kind == Kind.BPR:
-        return neg_loss, -sum(g for _, g in stats) / denom, factor
+        return neg_loss, -sum(g for _, g in stats) / denom, factor, None
     if spec.kind == Kind.BCE:
-        return spec.beta * F.softplus(-s_pos) + neg_loss, -spec.beta * torch.sigmoid(-s_pos), factor
+        return spec.beta * F.softplus(-s_pos) + neg_loss, -spec.beta * torch.sigmoid(-s_pos), factor, None
     if spec.kind == Kind.CCL:
         loss = F.relu(1 - s_pos) + spec.neg_weight * neg_loss
-        return loss, -(s_pos < 1).to(n.dtype), spec.neg_weight * factor
+        return loss, -(s_pos < 1).to(n.dtype), spec.neg_weight * factor, None
     raise ValueError(f"unknown loss kind {spec.kind!r}")
 
 
@@ -176,17 +180,29 @@ class _Workspace:
         return self.view(self.scores, c, j1 - j0)
 
 
-def _tile_mask(p: Problem, r0: int, r1: int, j0: int, j1: int, ws: _Workspace) -> Tensor | None:
-    """Bool mask of excluded negatives for rows r0:r1, columns j0:j1 ([w] or [c, w]), or None."""
-    mask = None
+def _tile_mask(p: Problem, r0: int, r1: int, j0: int, j1: int, ws: _Workspace,
+               outside: Tensor | None) -> Tensor | None:
+    """Bool mask of excluded negatives for rows r0:r1, columns j0:j1 ([w] or [c, w]), or None.
+    ``outside`` [c, N]: the chunk's ``neg_idx`` entries outside the table (indexed layout)."""
+    mask = outside
     if p.neg_mask is not None:
-        mask = p.neg_mask[j0:j1] if p.neg_mask.dim() == 1 else p.neg_mask[r0:r1, j0:j1]
+        m = p.neg_mask[j0:j1] if p.neg_mask.dim() == 1 else p.neg_mask[r0:r1, j0:j1]
+        mask = m if mask is None else mask | m
     if p.hit_pos_ids is not None:
         neg_ids = p.hit_neg_ids[j0:j1] if p.hit_neg_ids.dim() == 1 else p.hit_neg_ids[r0:r1, j0:j1]
         hits = ws.view(ws.hits, r1 - r0, j1 - j0)
         torch.eq(p.hit_pos_ids[r0:r1, None], neg_ids, out=hits)
         mask = hits if mask is None else hits.logical_or_(mask)
     return mask
+
+
+def _chunk_indices(p: Problem, r0: int, r1: int) -> tuple[Tensor | None, Tensor | None]:
+    """Indexed layout: (the chunk's neg_idx with entries outside [0, I) replaced by 0, their mask)."""
+    if p.layout != "indexed":
+        return None, None
+    idx = p.neg_idx[r0:r1]
+    outside = (idx < 0) | (idx >= p.neg.shape[0])
+    return idx.masked_fill(outside, 0), outside
 
 
 def forward_backward(
@@ -223,15 +239,7 @@ def forward_backward(
     chunk = chunk_rows(p)
     tiles = item_tiles(p, chunk)  # the same columns for every chunk: the buffers are sized for them
     ws = _Workspace(p, chunk, tiles, acc, pointwise=spec.kind != Kind.CONTRASTIVE, keep_scores=want_grad)
-    # |s_rj| ≤ max_r ‖q_r‖ max_j ‖v_j‖ / τ + max |log q|: when that is small, e^s needs no max
-    # shift. Decided once per call (one host sync on CUDA).
-    shift = True
-    if spec.kind == Kind.CONTRASTIVE and table is not None and table.numel() and R:
-        bound = (torch.linalg.vector_norm(p.query, dim=1, dtype=acc).max()
-                 * torch.linalg.vector_norm(table, dim=1).max() * inv_tau)
-        if log_q is not None and log_q.numel():
-            bound = bound + log_q.abs().max()
-        shift = bool(bound > EXP_SAFE_BOUND)
+    smoothing = spec.kind == Kind.CONTRASTIVE and spec.label_smoothing > 0
     for r0 in range(0, R, chunk):
         r1 = min(R, r0 + chunk)
         c = r1 - r0
@@ -240,8 +248,9 @@ def forward_backward(
         negs = ws.view(ws.negs, c, N, d)  # gathered / converted negatives of the chunk
         if p.layout == "per_row":
             negs = negs.copy_(p.neg[r0:r1]) if negs is not None else p.neg[r0:r1]
-        elif p.layout == "indexed":
-            torch.index_select(table, 0, p.neg_idx[r0:r1].reshape(-1), out=negs.view(c * N, d))
+        idx, outside = _chunk_indices(p, r0, r1)
+        if idx is not None:
+            torch.index_select(table, 0, idx.reshape(-1), out=negs.view(c * N, d))
 
         pos = None
         s_pos = None
@@ -253,6 +262,7 @@ def forward_backward(
 
         # Pass 1: scores of each tile and its row statistics.
         n = torch.zeros(c, dtype=acc, device=dev)
+        lin = torch.zeros(c, dtype=acc, device=dev) if smoothing else None
         stats = []
         for j0, j1 in tiles:
             s = ws.tile(c, j0, j1, N)
@@ -266,31 +276,39 @@ def forward_backward(
                 elif p.layout == "per_row":
                     s.sub_(log_q[r0:r1])
                 else:
-                    s.sub_(log_q[p.neg_idx[r0:r1]])
-            mask = _tile_mask(p, r0, r1, j0, j1, ws)
+                    s.sub_(log_q[idx])
+            mask = _tile_mask(p, r0, r1, j0, j1, ws, outside)
+            if lin is not None:
+                lin += (s if mask is None else s.masked_fill(mask, 0)).sum(dim=1)
             if mask is not None:
                 s.masked_fill_(mask, -math.inf)
                 n += (j1 - j0) - mask.sum(dim=-1).to(acc)
             else:
                 n += j1 - j0
-            stats.append(tile_pass(spec, s, s_pos, ws.view(ws.aux, c, j1 - j0), shift))
+            stats.append(tile_pass(spec, s, s_pos, ws.view(ws.aux, c, j1 - j0)))
 
-        loss_c, g_pos, factor = finish_rows(spec, stats, s_pos, n)
+        loss_c, g_pos, factor, g_const = finish_rows(spec, stats, s_pos, n, lin)
         loss[r0:r1] = loss_c
         if not want_grad:
             continue
 
         # Pass 2: g = factor ⊙ scores, with factor scaled by row_scale/τ (the chain rule through
         # s = <q, v>/τ), then two GEMMs over the whole chunk. The factor goes on the GEMMs' small
-        # operands, gq = f ⊙ (g V) and gV += gᵀ (f ⊙ q); only tiles that were shifted by their
-        # own max are rescaled in place first.
+        # operands, gq = f ⊙ (g V) and gV += gᵀ (f ⊙ q), unless the tiles' factors differ (each
+        # tile was shifted by its own max) or a constant joins g (label smoothing): then the
+        # tiles are rescaled in place first.
         scale = row_scale[r0:r1].to(acc) * inv_tau
         factor = factor * scale[:, None]
         g_pos = g_pos * scale if g_pos is not None else None
-        f = factor[:, :1]  # without a max shift (or with one tile) every tile has the same factor
-        if factor.shape[1] > 1 and shift:
+        f = factor[:, :1]  # with one tile every tile has the same factor
+        if factor.shape[1] > 1 or g_const is not None:
             for t, (j0, j1) in enumerate(tiles):
-                ws.tile(c, j0, j1, N).mul_(factor[:, t, None])
+                tile = ws.tile(c, j0, j1, N).mul_(factor[:, t, None])
+                if g_const is not None:
+                    tile.add_((g_const * scale)[:, None])
+                    mask = _tile_mask(p, r0, r1, j0, j1, ws, outside)
+                    if mask is not None:
+                        tile.masked_fill_(mask, 0)
             f = torch.ones_like(f)
         g = ws.view(ws.scores, c, N)
         gq = grad_q[r0:r1] if need_q else None
@@ -307,7 +325,7 @@ def forward_backward(
                 torch.mul(g[:, :, None], (f * q)[:, None, :], out=grad_neg[r0:r1])
             elif need_n:  # the gathered negatives are no longer needed: reuse their buffer
                 torch.mul(g[:, :, None], (f * q)[:, None, :], out=negs)
-                _scatter_add(grad_neg, p.neg_idx[r0:r1].reshape(-1), negs.view(c * N, d), deterministic)
+                _scatter_add(grad_neg, idx.reshape(-1), negs.view(c * N, d), deterministic)
         if gq is not None and g_pos is not None:
             gq.add_(g_pos[:, None] * pos)
         if grad_p is not None:

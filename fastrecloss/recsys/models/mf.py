@@ -138,7 +138,8 @@ class MF(nn.Module):
                     raise ValueError("log_q_correction with in-batch negatives needs item_counts")
                 kw["log_q"] = in_batch_log_q(items, item_counts)
             mask = exclude.mask(users, items) if exclude is not None else None
-            return fn(q, self._vec(self.item(items)), None, in_batch=True, pos_ids=items, neg_mask=mask, **kw)
+            return fn(q, self._vec(self.item(items)), None, in_batch=True, remove_accidental_hits=True, pos_ids=items,
+                      neg_mask=mask, **kw)
         if layout == "full":
             table = self.item_table()
             mask = exclude.mask(users, torch.arange(self.num_items)) if exclude is not None else None
