@@ -9,7 +9,7 @@ Two entry points share one signature (the :class:`Problem` flattened into tensor
   gradient and only then casts each to its input's dtype, so a loss scale (GradScaler) protects
   small 16-bit gradients.
 * ``loss_rows_state`` (triton backend, per-row and indexed layouts) returns the per-row losses and
-  the [3, R] fp32 row stats of the same pass; its backward, ``grad_from_state``, is one gradient
+  the [4, R] fp32 row stats of the same pass; its backward, ``grad_from_state``, is one gradient
   pass over the negatives (two reads of them per forward+backward instead of three).
 
 Under ``torch.compile`` they are ``torch.library`` custom ops (``fastrecloss::loss_rows`` /
@@ -137,7 +137,7 @@ def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_
 def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
       temperature, kind, params, backend, deterministic):
     R = query.shape[0]
-    return query.new_empty(R, dtype=acc_dtype(query.dtype)), query.new_empty(3, R, dtype=torch.float32)
+    return query.new_empty(R, dtype=acc_dtype(query.dtype)), query.new_empty(4, R, dtype=torch.float32)
 
 
 @grad_from_state.register_fake
@@ -280,17 +280,10 @@ def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
     return total / weight.to(rows.dtype).sum().clamp_min(torch.finfo(rows.dtype).tiny)
 
 
-def check_backend_supports(spec: LossSpec, backend: str) -> None:
-    """Options a backend does not implement yet (one place, to delete when the kernels have them)."""
-    if backend == "triton" and (spec.label_smoothing or spec.z_loss):
-        raise NotImplementedError("label_smoothing and z_loss are not implemented in the triton kernels yet: "
-                                  "use backend='torch' for them")
-
 
 def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight: Tensor | None,
           reduction: str) -> Tensor:
     """Run a fused backend with autograd; returns the reduced loss in the accumulation dtype."""
-    check_backend_supports(spec, backend)
     args = [getattr(p, f) for f in _TENSOR_FIELDS]
     static = [p.layout, p.temperature, int(spec.kind), spec.params, backend, deterministic]
     compiling = torch.compiler.is_compiling()

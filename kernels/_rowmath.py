@@ -17,7 +17,7 @@ of a row while they do is ``(m, a, b)``:
 with φ = 2^{t − shift} (contrastive, shift = final max in log2 units) or φ = h(s; s_r+) (pointwise,
 natural units, shift = s_r+). :func:`score_unit` is the factor from s to the kind's units. Kernels
 that must recompute scores (the item-side and gradient passes) only need ``(shift, coef, g_pos)``
-per row (times the row scale/τ): three floats, never an R×N buffer.
+per row (times the row scale/τ; a fourth, uni, with label smoothing): never an R×N buffer.
 """
 
 from __future__ import annotations
@@ -196,31 +196,37 @@ def pointwise_coef(cnt, neg_weight, KIND: tl.constexpr, NEG_SUM: tl.constexpr):
 
 
 @triton.jit
-def finalize(m, a, b, cnt, s_pos, log2_eps, lam, mu, beta, neg_weight, KIND: tl.constexpr, HAS_POS: tl.constexpr,
-             HAS_EPS: tl.constexpr, NEG_SUM: tl.constexpr):
-    """Row loss and gradient factors (loss, shift, coef, g_pos), see the module docstring.
+def finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight, smooth, z_loss, KIND: tl.constexpr,
+             HAS_POS: tl.constexpr, HAS_EPS: tl.constexpr, NEG_SUM: tl.constexpr):
+    """Row loss and gradient factors (loss, shift, coef, g_pos, uni), see the module docstring.
 
-    contrastive (m in log2 units): L = −s+ + λ(ln 2·(m + log2 a) − μ log n); coef = λ/a;
-    g+ = −1 + λ ε 2^{t+}/(a 2^m);
-    a row with n_r = 0 has loss 0 and zero gradient.
+    contrastive (m in log2 units, lse = ln 2·(m + log2 a)), with label smoothing α = ``smooth``
+    over the n_r candidates (``ssum`` = Σ_j t_rj of the kept ones, log2 units) and z-loss z:
+    L = λ(lse − μ log n) + z·lse² − α·mean_j s_rj − (1 − α)·s+;
+    ∂L/∂s_rj = coef·2^{t − m} + uni with coef = (λ + 2z·lse)/a and uni = −α/n;
+    g+ = coef·ε·2^{t+ − m} − (1 − α); a row with n_r = 0 has loss 0 and zero gradient.
     bpr: L = a/n, g+ = −b/n;  bce: L = β softplus(−s+) + a/n, g+ = −β σ(−s+);
     ccl: L = relu(1 − s+) + w a/n, g+ = −[s+ < 1]  (n → 1 with neg_sum).
     """
     zero = tl.zeros_like(a)
+    uni = zero
     if KIND == 0:
         has_neg = cnt > 0
+        n = tl.maximum(cnt.to(tl.float32), 1.0)
         shift = tl.where(m == float("-inf"), 0.0, m)
         a_safe = tl.maximum(a, TINY)
-        loss = lam * (LN2 * (shift + tl.log2(a_safe)) - mu * tl.log(tl.maximum(cnt.to(tl.float32), 1.0)))
+        lse = LN2 * (shift + tl.log2(a_safe))
+        loss = lam * (lse - mu * tl.log(n)) + z_loss * lse * lse - smooth * (ssum * LN2) / n
         if HAS_POS:
-            loss -= s_pos
+            loss -= (1.0 - smooth) * s_pos
         loss = tl.where(has_neg, loss, zero)
-        coef = tl.where(has_neg, lam / a_safe, zero)
+        coef = tl.where(has_neg, (lam + 2.0 * z_loss * lse) / a_safe, zero)
+        uni = tl.where(has_neg, -smooth / n, zero)
         if HAS_POS:
             if HAS_EPS:
-                g_pos = coef * tl.exp2(s_pos * LOG2E + log2_eps - shift) - 1.0
+                g_pos = coef * tl.exp2(s_pos * LOG2E + log2_eps - shift) - (1.0 - smooth)
             else:
-                g_pos = zero - 1.0
+                g_pos = zero - (1.0 - smooth)
             g_pos = tl.where(has_neg, g_pos, zero)
         else:
             g_pos = zero
@@ -236,7 +242,17 @@ def finalize(m, a, b, cnt, s_pos, log2_eps, lam, mu, beta, neg_weight, KIND: tl.
         else:
             loss += tl.maximum(1.0 - s_pos, 0.0)
             g_pos = tl.where(s_pos < 1.0, -1.0, 0.0)
-    return loss, shift, coef, g_pos
+    return loss, shift, coef, g_pos, uni
+
+
+@triton.jit
+def kept_sum(s, SMOOTH: tl.constexpr):
+    """Σ_j of a score tile's kept entries (−inf = excluded), per row; 0 without label smoothing."""
+    if SMOOTH:
+        out = tl.sum(tl.where(s > float("-inf"), s, 0.0), 1)
+    else:
+        out = tl.zeros([s.shape[0]], dtype=tl.float32)
+    return out
 
 
 @triton.jit
@@ -287,18 +303,20 @@ def positive_score(q, POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, strid
 
 
 @triton.jit
-def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, scale,
+def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, uni, vsum, scale,
                       Q, stride_qr, stride_qd, POS, stride_pr, stride_pd, POS_IDX, TABLE, stride_tr, stride_td, n_table,
-                      LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS,
+                      LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI,
                       HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, NEED_GQ: tl.constexpr,
                       NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr, ACC_SCALED: tl.constexpr,
-                      STATS_SCALED: tl.constexpr):
-    """Write the row loss, ∂/∂q_r = coef_s·acc + g+_s·p_r, ∂/∂p_r = g+_s·q_r and the saved stats.
+                      STATS_SCALED: tl.constexpr, SMOOTH: tl.constexpr):
+    """Write the row loss, ∂/∂q_r = coef_s·acc + uni_s·vsum + g+_s·p_r, ∂/∂p_r = g+_s·q_r and the
+    saved stats.
 
-    ``scale`` [rows] is row_scale_r/τ; coef_s = coef·scale and g+_s = g_pos·scale. With
+    ``scale`` [rows] is row_scale_r/τ; coef_s = coef·scale, g+_s = g_pos·scale, uni_s = uni·scale
+    (label smoothing's uniform term, times ``vsum`` = Σ_j v_j over the row's kept candidates). With
     ACC_SCALED the accumulator already holds the scaled gradient (Σ_j g_rj v_j · scale). The saved
-    stats are (shift, coef_s, g+_s) with STATS_SCALED (an item pass of the same call consumes them),
-    else (shift, coef, g_pos) (a later gradient pass scales them by its own row scale). The loss is
+    stats are (shift, coef_s, g+_s, uni_s) with STATS_SCALED (an item pass of the same call consumes
+    them), else (shift, coef, g_pos, uni) (a later gradient pass scales them by its own row scale). The loss is
     not written when LOSS is None (a gradient pass from saved stats). q_r and p_r are re-read here
     rather than kept in registers across the item loop.
     """
@@ -313,6 +331,8 @@ def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef,
             gq = acc
         else:
             gq = acc * coef_s[:, None]
+            if SMOOTH:
+                gq += (uni * scale)[:, None] * vsum
         if HAS_POS:
             p = positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd,
                                  stride_tr, stride_td, n_table, POS_FROM_TABLE)
@@ -326,6 +346,8 @@ def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef,
         if STATS_SCALED:
             tl.store(ROW_COEF + rows64, coef_s, mask=rmask)
             tl.store(ROW_GPOS + rows64, g_pos_s, mask=rmask)
+            tl.store(ROW_UNI + rows64, uni * scale, mask=rmask)
         else:
             tl.store(ROW_COEF + rows64, coef, mask=rmask)
             tl.store(ROW_GPOS + rows64, g_pos, mask=rmask)
+            tl.store(ROW_UNI + rows64, uni, mask=rmask)

@@ -15,7 +15,7 @@ The host side (torch, no synchronisation) builds a stably sorted inverse index o
 
 (four int64 [E] buffers, i.e. O(R·N) integers — the only O(R·N) allocation of the triton backend,
 made only in deterministic mode; no float R×N and nothing R×N×d). The forward's row pass saves
-three floats per row (shift, coef, g+), the backward's gradient pass computes ∂/∂q and ∂/∂p only,
+four floats per row (shift, coef, g+, uni), the backward's gradient pass computes ∂/∂q and ∂/∂p only,
 and each segment head (the first reference to an item in sorted order) sums, in that fixed order,
 g_e·q_{r(e)} over its references with g_e recomputed from the scores and the row scale:
 ∂/∂table[i] = Σ_{(r, j): neg_idx[r, j] = i} g_rj q_r + Σ_{r: pos_idx[r] = i} g+_r q_r.
@@ -34,10 +34,10 @@ from ._rowmath import in_table, neg_phi, score_unit
 @triton.jit
 def item_segment_kernel(
     Q, NEG, SORTED_KEYS, ORDER, SEG_END, LOG_Q, MASK, HIT_POS, HIT_NEG, ROW_SCALE, ROW_SHIFT, ROW_COEF, ROW_GPOS,
-    GRAD_NEG, E, RN, N_DIV, d, n_table, stride_qr, stride_qd, stride_nr, stride_nd, stride_l, stride_mr, stride_mn,
-    stride_hr, stride_hn, inv_tau, margin,
+    ROW_UNI, GRAD_NEG, E, RN, N_DIV, d, n_table, stride_qr, stride_qd, stride_nr, stride_nd, stride_l, stride_mr,
+    stride_mn, stride_hr, stride_hn, inv_tau, margin,
     KIND: tl.constexpr, HAS_LOG_Q: tl.constexpr, HAS_MASK: tl.constexpr, HAS_HITS: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+    SMOOTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Entries e of one block; a head lane (first entry of its item i) writes
     ∂/∂table[i] = Σ_{e in segment} G_e q_{r(e)}, entries e < R·N being negatives (r, j) = divmod(e, N)
@@ -78,7 +78,10 @@ def item_segment_kernel(
         scale = tl.load(ROW_SCALE + r, mask=live, other=0.0).to(tl.float32) * inv_tau
         shift = tl.load(ROW_SHIFT + r, mask=keep, other=0.0)
         coef = tl.load(ROW_COEF + r, mask=keep, other=0.0)
-        g = tl.where(keep, coef * neg_phi(tl.where(keep, s, float("-inf")), shift, margin, KIND, INTERPRET), 0.0)
+        g = coef * neg_phi(tl.where(keep, s, float("-inf")), shift, margin, KIND, INTERPRET)
+        if SMOOTH:
+            g += tl.load(ROW_UNI + r, mask=keep, other=0.0)
+        g = tl.where(keep, g, 0.0)
         g += tl.load(ROW_GPOS + r, mask=live & (ent >= RN), other=0.0)
         g *= scale
         acc += g[:, None] * q

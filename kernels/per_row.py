@@ -12,7 +12,7 @@ One loop, two modes (each reads the negatives once):
 
 * state pass (the forward): the online row state (``_rowmath``), optionally acc_r = Σ_j φ_rj v_j
   with contrastive rescaling (loss and query gradient in one pass); writes L_r and, with
-  SAVE_STATS, the three floats per row (shift, coef, g+) that determine every gradient: O(R),
+  SAVE_STATS, the four floats per row (shift, coef, g+, uni) that determine every gradient: O(R),
   saved for the backward.
 * gradient pass (FROM_STATS, the backward): with the saved row stats and the backward's row scale,
   g_rj = coef_r·φ(s_rj; shift_r)·scale_r/τ is final in every tile, so one pass accumulates
@@ -31,6 +31,7 @@ from ._rowmath import (
     finalize,
     in_table,
     init_state,
+    kept_sum,
     load_block,
     neg_phi,
     positive_score,
@@ -84,15 +85,15 @@ def gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, 
 @triton.jit
 def rows_kernel(
     Q, NEG, IDX, POS, POS_IDX, LOG_Q, POS_LOG_Q, MASK, HIT_POS, HIT_NEG, ROW_SCALE,
-    LOSS, GRAD_Q, GRAD_P, GRAD_NEG, ROW_SHIFT, ROW_COEF, ROW_GPOS,
+    LOSS, GRAD_Q, GRAD_P, GRAD_NEG, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI,
     R, N, d, n_table, stride_qr, stride_qd, stride_nr, stride_nn, stride_nd, stride_ir, stride_in, stride_pr,
     stride_pd, stride_lr, stride_ln, stride_mr, stride_mn, stride_hr, stride_hn,
-    inv_tau, log2_eps, lam, mu, beta, margin, neg_weight,
+    inv_tau, log2_eps, lam, mu, beta, margin, neg_weight, smooth, z_loss,
     INDEXED: tl.constexpr, KIND: tl.constexpr, HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr,
     HAS_EPS: tl.constexpr, HAS_LOG_Q: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_HITS: tl.constexpr, NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr,
     NEED_GN: tl.constexpr, SCATTER_POS: tl.constexpr, SAVE_STATS: tl.constexpr, FROM_STATS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
+    SMOOTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Rows of one block, their N negatives each: s_rj = <q_r, v_rj>/τ − logq_rj (v_rj = neg[r, j]
     or table[neg_idx[r, j]]). State pass: writes L_r (∂/∂q_r, ∂/∂p_r when asked; the unscaled row
@@ -121,12 +122,17 @@ def rows_kernel(
     shift = s_pos
     coef = s_pos
     g_pos = s_pos
+    uni = tl.zeros([BLOCK_R], dtype=tl.float32)
     if FROM_STATS:
         shift = tl.load(ROW_SHIFT + rows64, mask=rmask, other=0.0)
         coef = tl.load(ROW_COEF + rows64, mask=rmask, other=0.0)
         g_pos = tl.load(ROW_GPOS + rows64, mask=rmask, other=0.0)
+        if SMOOTH:
+            uni = tl.load(ROW_UNI + rows64, mask=rmask, other=0.0)
     coef_s = coef * scale
+    ssum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    vsum = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # label smoothing: Σ_j v_j over kept j
     for n0 in range(0, N, BLOCK_N):
         cols64, inb, keep, item = gathered_keep(n0, offs_n, rows64, rmask, N, n_table, IDX, MASK, HIT_NEG, hit_pos,
                                                 stride_ir, stride_in, stride_mr, stride_mn, stride_hr, stride_hn,
@@ -134,7 +140,10 @@ def rows_kernel(
         v, s = gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, stride_nr, stride_nn,
                                stride_nd, stride_lr, stride_ln, inv_tau, unit, INDEXED, HAS_LOG_Q)
         if FROM_STATS:
-            g = tl.where(keep, coef_s[:, None] * neg_phi(s, shift[:, None], margin, KIND, INTERPRET), 0.0)
+            g = coef_s[:, None] * neg_phi(s, shift[:, None], margin, KIND, INTERPRET)
+            if SMOOTH:
+                g += (uni * scale)[:, None]
+            g = tl.where(keep, g, 0.0)
             if NEED_GQ:
                 acc += tl.sum(g[:, :, None] * v, 1)
             if NEED_GN:
@@ -153,17 +162,22 @@ def rows_kernel(
                 if KIND == 0:
                     acc = acc * alpha[:, None]
                 acc += tl.sum(phi[:, :, None] * v, 1)
+            if SMOOTH:
+                ssum += kept_sum(s, SMOOTH)
+                if NEED_GQ:
+                    vsum += tl.sum(v, 1)  # v is 0 where not kept
 
     loss = s_pos
     if not FROM_STATS:
-        loss, shift, coef, g_pos = finalize(m, a, b, cnt, s_pos, log2_eps, lam, mu, beta, neg_weight, KIND, HAS_POS,
-                                            HAS_EPS, NEG_SUM)
-    store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, scale,
+        loss, shift, coef, g_pos, uni = finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight,
+                                                 smooth, z_loss, KIND, HAS_POS, HAS_EPS, NEG_SUM)
+    store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, uni, vsum, scale,
                       Q=Q, stride_qr=stride_qr, stride_qd=stride_qd, POS=POS, stride_pr=stride_pr, stride_pd=stride_pd,
                       POS_IDX=POS_IDX, TABLE=NEG, stride_tr=stride_nr, stride_td=stride_nd, n_table=n_table,
                       LOSS=LOSS, GRAD_Q=GRAD_Q, GRAD_P=GRAD_P, ROW_SHIFT=ROW_SHIFT, ROW_COEF=ROW_COEF,
-                      ROW_GPOS=ROW_GPOS, HAS_POS=HAS_POS, POS_FROM_TABLE=POS_FROM_TABLE, NEED_GQ=NEED_GQ,
-                      NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS, ACC_SCALED=FROM_STATS, STATS_SCALED=False)
+                      ROW_GPOS=ROW_GPOS, ROW_UNI=ROW_UNI, HAS_POS=HAS_POS, POS_FROM_TABLE=POS_FROM_TABLE,
+                      NEED_GQ=NEED_GQ, NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS, ACC_SCALED=FROM_STATS,
+                      STATS_SCALED=False, SMOOTH=SMOOTH)
     if SCATTER_POS:
         prow = tl.load(POS_IDX + rows64, mask=rmask, other=0).to(tl.int64)
         tl.atomic_add(GRAD_NEG + prow[:, None] * d + offs_d64[None, :], (g_pos * scale)[:, None] * q,

@@ -11,7 +11,9 @@ Two kernels, modelled on flash-attention's forward and its dK/dV backward:
   work beyond that — an [R, N] mask, accidental hits, and the count n_r they change — is compiled
   in only when such an option is on; otherwise n_r is counted once per item tile. It writes the row
   loss, ∂/∂q, ∂/∂p and three floats per row (``row_shift``, ``row_coef``, ``row_gpos``) for the
-  item pass, and the largest |row_coef|, |row_gpos| (one float, ``coef_max``, by atomic max).
+  item pass (a fourth, ``row_uni``, with label smoothing), and the largest |row_coef|, |row_gpos|,
+  |row_uni| (one float, ``coef_max``, by atomic max). Label smoothing (SMOOTH) adds Σ_j t_rj and
+  Σ_j v_j over the kept candidates (one more MMA per tile, with the keep indicator).
 * :func:`shared_items_kernel` — one program per block of items (column-parallel). It walks
   every row block, recomputes the score tile with the saved row statistics, forms
   G = coef·φ(S) (plus g+ on the column of each row's positive when positives are table rows,
@@ -33,6 +35,7 @@ import triton.language as tl
 from ._rowmath import (
     finalize,
     init_state,
+    kept_sum,
     load_block,
     mm,
     neg_phi,
@@ -74,12 +77,13 @@ def pair_keep(r_b, r_in, c_b, c_in, MASK, HIT_NEG, hit_pos_b, stride_mr, stride_
 @triton.jit
 def shared_rows_kernel(
     Q, NEG, POS, POS_IDX, LOG_Q, POS_LOG_Q, MASK, HIT_POS, HIT_NEG, ROW_SCALE,
-    LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, COEF_MAX,
+    LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI, COEF_MAX,
     R, N, d, stride_qr, stride_qd, stride_nn, stride_nd, stride_pr, stride_pd, stride_mr, stride_mn,
-    inv_tau, log2_eps, lam, mu, beta, margin, neg_weight,
+    inv_tau, log2_eps, lam, mu, beta, margin, neg_weight, smooth, z_loss,
     KIND: tl.constexpr, HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_EPS: tl.constexpr,
     HAS_LOG_Q: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr, MASK_MODE: tl.constexpr, HAS_HITS: tl.constexpr,
     NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr,
+    SMOOTH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -106,7 +110,9 @@ def shared_rows_kernel(
     m, a, b = init_state(s_pos, log2_eps, KIND, HAS_EPS)
     cnt = tl.zeros([BLOCK_R], dtype=tl.int32)  # per-row count (pair masks), else one count for all rows
     cnt_items = 0
+    ssum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    vsum = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # label smoothing: Σ_j v_j over kept j
     for n0 in range(0, N, BLOCK_N):
         cols64 = n0 + offs_n.to(tl.int64)
         cmask = cols64 < N
@@ -126,31 +132,36 @@ def shared_rows_kernel(
             if KIND == 0:
                 acc = acc * alpha[:, None]
             acc += mm(phi, v, DOT_DT, INTERPRET)
+        if SMOOTH:
+            ssum += kept_sum(s, SMOOTH)
+            if NEED_GQ:
+                vsum += mm(tl.where(s > float("-inf"), 1.0, 0.0), v, DOT_DT, INTERPRET)
     cnt += cnt_items
 
-    loss, shift, coef, g_pos = finalize(m, a, b, cnt, s_pos, log2_eps, lam, mu, beta, neg_weight, KIND, HAS_POS,
-                                        HAS_EPS, NEG_SUM)
+    loss, shift, coef, g_pos, uni = finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight, smooth,
+                                             z_loss, KIND, HAS_POS, HAS_EPS, NEG_SUM)
     scale = tl.zeros([BLOCK_R], dtype=tl.float32)
     if NEED_GQ or NEED_GP or SAVE_STATS:
         scale = tl.load(ROW_SCALE + rows64, mask=rmask, other=0.0).to(tl.float32) * inv_tau
-    store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, scale,
+    store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, uni, vsum, scale,
                       Q=Q, stride_qr=stride_qr, stride_qd=stride_qd, POS=POS, stride_pr=stride_pr, stride_pd=stride_pd,
                       POS_IDX=POS_IDX, TABLE=NEG, stride_tr=stride_nn, stride_td=stride_nd, n_table=N,
                       LOSS=LOSS, GRAD_Q=GRAD_Q, GRAD_P=GRAD_P, ROW_SHIFT=ROW_SHIFT, ROW_COEF=ROW_COEF,
-                      ROW_GPOS=ROW_GPOS, HAS_POS=HAS_POS, POS_FROM_TABLE=POS_FROM_TABLE, NEED_GQ=NEED_GQ,
-                      NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS, ACC_SCALED=False, STATS_SCALED=True)
+                      ROW_GPOS=ROW_GPOS, ROW_UNI=ROW_UNI, HAS_POS=HAS_POS, POS_FROM_TABLE=POS_FROM_TABLE,
+                      NEED_GQ=NEED_GQ, NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS, ACC_SCALED=False, STATS_SCALED=True,
+                      SMOOTH=SMOOTH)
     if SAVE_STATS:
-        big = tl.maximum(tl.abs(coef * scale), tl.abs(g_pos * scale))
+        big = tl.maximum(tl.maximum(tl.abs(coef * scale), tl.abs(g_pos * scale)), tl.abs(uni * scale))
         tl.atomic_max(COEF_MAX, tl.max(tl.where(rmask, big, 0.0), 0))
 
 
 @triton.jit
 def shared_items_kernel(
-    Q, NEG, POS_IDX, LOG_Q, MASK, HIT_POS, HIT_NEG, ROW_SHIFT, ROW_COEF, ROW_GPOS, COEF_MAX, GRAD_NEG,
+    Q, NEG, POS_IDX, LOG_Q, MASK, HIT_POS, HIT_NEG, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI, COEF_MAX, GRAD_NEG,
     R, N, d, stride_qr, stride_qd, stride_nn, stride_nd, stride_mr, stride_mn, inv_tau, margin,
     KIND: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_LOG_Q: tl.constexpr, MASK_MODE: tl.constexpr,
-    HAS_HITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DT: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_HITS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Items j of one block: ∂/∂v_j = Σ_r G_jr q_r with G_jr = row_coef_r·φ(t_rj; row_shift_r)
     (+ row_gpos_r where pos_idx_r = j). The transposed score tile Tᵀ = V·Qᵀ [items, rows] is
@@ -182,6 +193,9 @@ def shared_items_kernel(
         shift = tl.load(ROW_SHIFT + rows64, mask=rmask, other=float("inf"))
         coef = tl.load(ROW_COEF + rows64, mask=rmask, other=0.0) * inv_max
         g = coef[None, :] * neg_phi(s, shift[None, :], margin, KIND, INTERPRET)
+        if SMOOTH:  # label smoothing's −α/n_r on every kept candidate
+            uni = tl.load(ROW_UNI + rows64, mask=rmask, other=0.0) * inv_max
+            g += tl.where(s > float("-inf"), uni[None, :], 0.0)
         if POS_FROM_TABLE:
             pos_col = tl.load(POS_IDX + rows64, mask=rmask, other=-1)
             g_pos = tl.load(ROW_GPOS + rows64, mask=rmask, other=0.0) * inv_max

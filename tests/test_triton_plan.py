@@ -38,7 +38,7 @@ def test_gathered_forward_backward_reads_the_negatives_twice(layout: str, kind: 
     p = _gathered(layout)
     spec = LossSpec(kind, eps=1.0)
     fwd = triton_plan.plan(p, spec, None, (False, False, False), False, emulate_dot=False, save_state=True)
-    assert fwd.state is not None and tuple(fwd.state.shape) == (3, p.R) and fwd.state.dtype == torch.float32
+    assert fwd.state is not None and tuple(fwd.state.shape) == (4, p.R) and fwd.state.dtype == torch.float32
     (state_pass,) = fwd.launches
     assert state_pass.args["SAVE_STATS"] and not state_pass.args["FROM_STATS"]
     bwd = triton_plan.plan(p, spec, _meta(p.R, dtype=torch.float32), (True, True, True), False, emulate_dot=False,

@@ -70,8 +70,8 @@ def saves_state(layout: str) -> bool:
 
 
 def forward_state(p: Problem, spec: LossSpec, deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    """Row losses [R] and the [3, R] fp32 row stats (shift, coef, g+) that determine every gradient,
-    from one pass over the negatives (per-row and indexed layouts)."""
+    """Row losses [R] and the [4, R] fp32 row stats (shift, coef, g+, label smoothing's uni) that
+    determine every gradient, from one pass over the negatives (per-row and indexed layouts)."""
     plan = _run(p, _kernels().plan(p, spec, None, (False, False, False), deterministic,
                                    emulate_dot=_check_device(p), save_state=True))
     return plan.loss, plan.state

@@ -98,6 +98,13 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
                 for det in (False, True):
                     label = f"indexed {kind} bf16{' det' if det else ''}"
                     out.append((label, _meta_problem("indexed", d, n, torch.bfloat16), spec, det))
+        if kind == "contrastive":  # label smoothing + z-loss compile extra accumulators (SMOOTH)
+            smooth = LossSpec(Kind.CONTRASTIVE, eps=1.0, label_smoothing=0.1, z_loss=1e-4)
+            for d in AOT_D:
+                out.append((f"shared {kind}-ls bf16", _meta_problem("shared", d, 1024, torch.bfloat16), smooth, False))
+            for det in (False, True):
+                out.append((f"indexed {kind}-ls bf16{' det' if det else ''}",
+                            _meta_problem("indexed", 128, 1024, torch.bfloat16), smooth, det))
     return out
 
 

@@ -4,7 +4,7 @@
 synchronisation), so the same code feeds the runtime launcher (``fastrecloss.backends.triton``)
 and the ahead-of-time compiler (``fastrecloss/backends/triton_aot.py``, which plans on meta tensors). It allocates
 only the outputs ([R] losses, [R, d] query/positive gradients, the item gradient in the shape of
-``neg``), the fp32 [3, R] row statistics when a later pass needs them (plus one float, the
+``neg``), the fp32 [4, R] row statistics when a later pass needs them (plus one float, the
 largest row coefficient, for the shared item pass), and, in deterministic indexed mode, the int64
 sort of the item references (``kernels/indexed.py``).
 
@@ -62,7 +62,7 @@ class Plan:
     grad_q: Tensor | None = None
     grad_p: Tensor | None = None
     grad_neg: Tensor | None = None
-    state: Tensor | None = None  # [3, R] fp32 row stats (shift, coef, g+) saved by a gathered forward
+    state: Tensor | None = None  # [4, R] fp32 row stats (shift, coef, g+, uni) saved by a gathered forward
 
     def outputs(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         return self.loss, self.grad_q, self.grad_p, self.grad_neg
@@ -88,6 +88,7 @@ def _loss_args(p: Problem, spec: LossSpec) -> dict[str, Any]:
     has_eps = kind == Kind.CONTRASTIVE and p.has_pos and spec.eps > 0
     return dict(
         inv_tau=1.0 / p.temperature, log2_eps=math.log2(spec.eps) if has_eps else 0.0, lam=float(spec.lam),
+        smooth=float(spec.label_smoothing), z_loss=float(spec.z_loss), SMOOTH=spec.label_smoothing > 0,
         mu=float(spec.mu), beta=float(spec.beta), margin=float(spec.margin), neg_weight=float(spec.neg_weight),
         KIND=kind, HAS_POS=p.has_pos, POS_FROM_TABLE=p.pos_idx is not None, HAS_EPS=has_eps,
         HAS_LOG_Q=p.log_q is not None, HAS_POS_LOG_Q=p.pos_log_q is not None, HAS_HITS=p.hit_pos_ids is not None,
@@ -99,7 +100,7 @@ def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool
          deterministic: bool, emulate_dot: bool, state: Tensor | None = None, save_state: bool = False) -> Plan:
     """Allocate the outputs of ``forward_backward`` and list the launches that fill them.
 
-    Gathered layouts only: ``save_state`` makes a forward (no ``row_scale``) also return the [3, R]
+    Gathered layouts only: ``save_state`` makes a forward (no ``row_scale``) also return the [4, R]
     row stats in ``Plan.state``; ``state`` (with ``row_scale``) plans the backward's gradient pass
     alone, which computes no loss. ``emulate_dot``: the kernels run in the interpreter."""
     acc = acc_dtype(p.query.dtype)
@@ -120,18 +121,18 @@ def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool
         out.grad_neg = alloc(tuple(p.neg.shape), dtype=dtype, device=dev)
     two_pass = gathered and state is None and need_n  # a state pass, then the gradient pass
     if save_state or two_pass or (not gathered and need_n):
-        out.state = torch.empty(3, R, dtype=torch.float32, device=dev)
+        out.state = torch.empty(4, R, dtype=torch.float32, device=dev)
     if R == 0:
         return out
     stats = state if state is not None else out.state
-    row_stats = list(stats) if stats is not None else [None] * 3
+    row_stats = list(stats) if stats is not None else [None] * 4
     side = {name: _flat(getattr(p, name.lower())) for name in ("POS_IDX", "LOG_Q", "POS_LOG_Q", "NEG_MASK")}
     hit_pos, hit_neg = _flat(p.hit_pos_ids), _flat(p.hit_neg_ids)
     common = dict(
         Q=p.query, NEG=p.neg, POS=p.pos, POS_IDX=side["POS_IDX"], LOG_Q=side["LOG_Q"], POS_LOG_Q=side["POS_LOG_Q"],
         MASK=side["NEG_MASK"], HIT_POS=hit_pos, HIT_NEG=hit_neg, ROW_SCALE=_flat(row_scale), LOSS=out.loss,
         GRAD_Q=out.grad_q, GRAD_P=out.grad_p, GRAD_NEG=out.grad_neg, ROW_SHIFT=row_stats[0],
-        ROW_COEF=row_stats[1], ROW_GPOS=row_stats[2], R=R, N=p.N, d=d,
+        ROW_COEF=row_stats[1], ROW_GPOS=row_stats[2], ROW_UNI=row_stats[3], R=R, N=p.N, d=d,
         stride_qr=p.query.stride(0), stride_qd=p.query.stride(1), stride_pr=_strides(p.pos)[0],
         stride_pd=_strides(p.pos)[1], NEED_GQ=need_q, NEED_GP=need_p, INTERPRET=emulate_dot, **_loss_args(p, spec),
     )
