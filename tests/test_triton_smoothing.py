@@ -51,7 +51,8 @@ def test_label_smoothing_every_layout_with_masks(layout: str, gen: torch.Generat
     else:
         p = Problem("indexed", q, torch.randn(I, d, generator=gen, dtype=torch.float64),
                     pos_idx=torch.randint(0, I, (R,), generator=gen),
-                    neg_idx=torch.randint(0, I, (R, N), generator=gen), neg_mask=mask, log_q=-torch.rand(I, generator=gen, dtype=torch.float64))
+                    neg_idx=torch.randint(0, I, (R, N), generator=gen), neg_mask=mask,
+                    log_q=-torch.rand(I, generator=gen, dtype=torch.float64))
     spec = LossSpec(Kind.CONTRASTIVE, eps=1.0, label_smoothing=0.2, z_loss=0.05)
     row_scale = torch.rand(R, generator=gen, dtype=torch.float64)
     leaves = {name: getattr(p, name).clone().requires_grad_() for name in ("query", "neg", "pos")
