@@ -80,11 +80,23 @@ SHARED_TILES = {
 }
 
 
-def shared_configs(d: int, dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
-    """(rows pass, items pass) tiles; both as TileConfig(block_r, block_n, ...)."""
+# Label smoothing with a per-(row, item) mask (SMOOTH and [R, N] mask or accidental hits) keeps a
+# second [BLOCK_R, BLOCK_D] accumulator (Σ_j v_j over each row's kept candidates) in the rows pass:
+# 2-byte inputs get 8 warps there, and 32 rows (mma.sync, no HGMMA) from d = 128 on. Without such a
+# mask the kept set is the same for every row and the sum is a [BLOCK_D] column sum (default tiles
+# up to d = 128; the 32-row tile at d = 256, where the column sum's registers would spill).
+SMOOTH_ROWS = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8), 256: (32, 16, 8)}
+
+
+def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False,
+                   pairs: bool = False) -> tuple[TileConfig, TileConfig]:
+    """(rows pass, items pass) tiles; both as TileConfig(block_r, block_n, ...). ``smooth``: label
+    smoothing is on; ``pairs``: a per-(row, item) mask (an [R, N] mask or accidental hits) is."""
     check_d(d, "shared", dtype)
     block_d = max(16, next_pow2(d))
     (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
+    if smooth and (pairs or block_d == 256) and not _wide(dtype):
+        br, bn, w_rows = SMOOTH_ROWS[block_d]
     stages = 1 if _wide(dtype) else 2
     return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 

@@ -113,6 +113,7 @@ def shared_rows_kernel(
     ssum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     vsum = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # label smoothing: Σ_j v_j over kept j
+    vcol = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols64 = n0 + offs_n.to(tl.int64)
         cmask = cols64 < N
@@ -135,8 +136,13 @@ def shared_rows_kernel(
         if SMOOTH:
             ssum += kept_sum(s, SMOOTH)
             if NEED_GQ:
-                vsum += mm(tl.where(s > float("-inf"), 1.0, 0.0), v, DOT_DT, INTERPRET)
+                if MASK_MODE == 2 or HAS_HITS:  # per-row kept sets: one more MMA with the keep indicator
+                    vsum += mm(tl.where(s > float("-inf"), 1.0, 0.0), v, DOT_DT, INTERPRET)
+                else:  # one kept set for every row: a column sum of the item tile
+                    vcol += tl.sum(tl.where((bias > float("-inf"))[:, None], v.to(tl.float32), 0.0), 0)
     cnt += cnt_items
+    if SMOOTH and not (MASK_MODE == 2 or HAS_HITS):
+        vsum += vcol[None, :]
 
     loss, shift, coef, g_pos, uni = finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight, smooth,
                                              z_loss, KIND, HAS_POS, HAS_EPS, NEG_SUM)

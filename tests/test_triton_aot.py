@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 from fastrecloss.kernels import config
 
 from fastrecloss.backends import triton_aot as aot
@@ -31,8 +32,10 @@ def _expected_tiles() -> set[str]:
     for d in config.AOT_D:
         for dtype in config.AOT_DTYPES:
             if d <= config.max_d("shared", dtype):
-                for c in config.shared_configs(d, dtype):
-                    tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+                for smooth, pairs in ((False, False), (True, True), (True, False)) if dtype == torch.bfloat16 \
+                        else ((False, False),):
+                    for c in config.shared_configs(d, dtype, smooth, pairs):
+                        tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
         for n in config.AOT_N:
             c = config.gathered_config(d, n)
             tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")

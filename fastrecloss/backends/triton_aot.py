@@ -20,6 +20,7 @@ variable removed, which is what the CLI and the tests call.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -102,6 +103,9 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
             smooth = LossSpec(Kind.CONTRASTIVE, eps=1.0, label_smoothing=0.1, z_loss=1e-4)
             for d in AOT_D:
                 out.append((f"shared {kind}-ls bf16", _meta_problem("shared", d, 1024, torch.bfloat16), smooth, False))
+                plain = _meta_problem("shared", d, 1024, torch.bfloat16)  # catalogue: no per-pair mask
+                plain = dataclasses.replace(plain, neg_mask=None, hit_pos_ids=None, hit_neg_ids=None)
+                out.append((f"shared {kind}-ls-nomask bf16", plain, smooth, False))
             for det in (False, True):
                 out.append((f"indexed {kind}-ls bf16{' det' if det else ''}",
                             _meta_problem("indexed", 128, 1024, torch.bfloat16), smooth, det))

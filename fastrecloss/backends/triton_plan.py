@@ -157,8 +157,25 @@ def _bind(kernel: Any, args: dict[str, Any]) -> dict[str, Any]:
     return {name: args[name] for name in kernel.arg_names}
 
 
+def hit_codes(pos_ids: Tensor, neg_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """int32 codes of the shared layout's accidental-hit ids: code_pos[r] == code_neg[j] exactly when
+    pos_ids[r] == neg_ids[j] (the rank of the id among the sorted negative ids; −1 for a positive id
+    no negative has). The kernels then compare 32-bit codes per score instead of 64-bit ids (half
+    the registers and integer instructions of the per-(row, item) test). O(R + N) torch ops, no
+    host synchronisation."""
+    sorted_neg = torch.sort(neg_ids.to(torch.int64)).values
+    code_neg = torch.searchsorted(sorted_neg, neg_ids.to(torch.int64)).to(torch.int32)
+    pos = pos_ids.to(torch.int64)
+    code_pos = torch.searchsorted(sorted_neg, pos).clamp(max=max(neg_ids.numel() - 1, 0))
+    present = sorted_neg[code_pos] == pos
+    return torch.where(present, code_pos, -1).to(torch.int32), code_neg
+
+
 def _plan_shared(out: Plan, p: Problem, common: dict[str, Any]) -> None:
-    rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype)
+    pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
+    rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs)
+    if common["HIT_POS"] is not None and p.N > 0:
+        common = dict(common, **dict(zip(("HIT_POS", "HIT_NEG"), hit_codes(common["HIT_POS"], common["HIT_NEG"]))))
     mask = common["MASK"]
     mask_mode = 0 if mask is None else mask.dim()
     stride_mr, stride_mn = (0, mask.stride(0)) if mask_mode == 1 else _strides(mask)
