@@ -97,6 +97,8 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False,
     (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
     if smooth and (pairs or block_d == 256) and not _wide(dtype):
         br, bn, w_rows = SMOOTH_ROWS[block_d]
+    elif pairs and not _wide(dtype):
+        w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps would spill on sm_80
     stages = 1 if _wide(dtype) else 2
     return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 

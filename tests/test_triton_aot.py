@@ -32,8 +32,8 @@ def _expected_tiles() -> set[str]:
     for d in config.AOT_D:
         for dtype in config.AOT_DTYPES:
             if d <= config.max_d("shared", dtype):
-                for smooth, pairs in ((False, False), (True, True), (True, False)) if dtype == torch.bfloat16 \
-                        else ((False, False),):
+                for smooth, pairs in ((False, True), (True, True), (True, False)) if dtype == torch.bfloat16 \
+                        else ((False, True),):
                     for c in config.shared_configs(d, dtype, smooth, pairs):
                         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
         for n in config.AOT_N:

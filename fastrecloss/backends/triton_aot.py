@@ -83,6 +83,7 @@ def _meta_problem(layout: str, d: int, n: int, dtype: torch.dtype):
 
 def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any, bool]]:
     """(label, problem, spec, deterministic) for every configuration of :mod:`kernels.config`."""
+    from .._problem import Problem
     from .._spec import Kind, LossSpec
     from ..kernels.config import AOT_D, AOT_DTYPES, AOT_N, max_d
 
@@ -99,7 +100,15 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
                 for det in (False, True):
                     label = f"indexed {kind} bf16{' det' if det else ''}"
                     out.append((label, _meta_problem("indexed", d, n, torch.bfloat16), spec, det))
-        if kind == "contrastive":  # label smoothing + z-loss compile extra accumulators (SMOOTH)
+        if kind == "contrastive":  # in-batch (hits only), and label smoothing + z-loss (SMOOTH)
+            for d in AOT_D:
+                ids = torch.empty(256, dtype=torch.int64, device="meta")
+                q = torch.empty(256, d, dtype=torch.bfloat16, device="meta")
+                in_batch = Problem("shared", q, torch.empty_like(q), pos_idx=ids, hit_pos_ids=ids, hit_neg_ids=ids,
+                                   log_q=torch.empty(256, device="meta"), temperature=0.5)
+                out.append((f"shared {kind}-inbatch bf16", in_batch, spec, False))
+                catalogue = Problem("shared", q, torch.empty(4096, d, dtype=torch.bfloat16, device="meta"), pos_idx=ids)
+                out.append((f"shared {kind}-catalogue bf16", catalogue, LossSpec(Kind.CONTRASTIVE), False))
             smooth = LossSpec(Kind.CONTRASTIVE, eps=1.0, label_smoothing=0.1, z_loss=1e-4)
             for d in AOT_D:
                 out.append((f"shared {kind}-ls bf16", _meta_problem("shared", d, 1024, torch.bfloat16), smooth, False))
