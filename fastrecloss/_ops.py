@@ -263,7 +263,9 @@ class _EagerState(torch.autograd.Function):
 
 
 def _saves_state(backend: str, layout: str) -> bool:
-    return backend == "triton" and _backend("triton").saves_state(layout)
+    """The triton backend's per-row and indexed forwards save row stats for a one-pass backward
+    (plain Python: traced by torch.compile without importing the backend)."""
+    return backend == "triton" and layout != "shared"
 
 
 def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:

@@ -64,11 +64,6 @@ def forward_backward(
     return _run(p, _kernels().plan(p, spec, row_scale, needs, deterministic, emulate_dot=_check_device(p))).outputs()
 
 
-def saves_state(layout: str) -> bool:
-    """Whether the forward of this layout saves row stats for a one-pass backward (gathered layouts)."""
-    return layout != "shared"
-
-
 def forward_state(p: Problem, spec: LossSpec, deterministic: bool = False) -> tuple[Tensor, Tensor]:
     """Row losses [R] and the [4, R] fp32 row stats (shift, coef, g+, label smoothing's uni) that
     determine every gradient, from one pass over the negatives (per-row and indexed layouts)."""
