@@ -88,17 +88,18 @@ SHARED_TILES = {
 SMOOTH_ROWS = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8), 256: (32, 16, 8)}
 
 
-def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False,
-                   pairs: bool = False) -> tuple[TileConfig, TileConfig]:
+def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool = False,
+                   arch: int = 90) -> tuple[TileConfig, TileConfig]:
     """(rows pass, items pass) tiles; both as TileConfig(block_r, block_n, ...). ``smooth``: label
-    smoothing is on; ``pairs``: a per-(row, item) mask (an [R, N] mask or accidental hits) is."""
+    smoothing is on; ``pairs``: a per-(row, item) mask (an [R, N] mask or accidental hits) is;
+    ``arch``: the compute capability ×10 (sm_80's mma.sync keeps more operands in registers)."""
     check_d(d, "shared", dtype)
     block_d = max(16, next_pow2(d))
     (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
     if smooth and (pairs or block_d == 256) and not _wide(dtype):
         br, bn, w_rows = SMOOTH_ROWS[block_d]
-    elif pairs and not _wide(dtype):
-        w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps would spill on sm_80
+    elif pairs and not _wide(dtype) and arch < 90:
+        w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps can spill with mma.sync
     stages = 1 if _wide(dtype) else 2
     return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 

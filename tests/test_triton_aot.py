@@ -10,6 +10,7 @@ compilations with 2 workers on a cold Triton cache, seconds on a warm one.
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import pytest
 import torch
@@ -32,9 +33,10 @@ def _expected_tiles() -> set[str]:
     for d in config.AOT_D:
         for dtype in config.AOT_DTYPES:
             if d <= config.max_d("shared", dtype):
-                for smooth, pairs in ((False, True), (True, True), (True, False)) if dtype == torch.bfloat16 \
-                        else ((False, True),):
-                    for c in config.shared_configs(d, dtype, smooth, pairs):
+                for smooth, pairs, arch in itertools.product((False, True), (False, True), aot.ARCHS):
+                    if dtype != torch.bfloat16 and smooth:
+                        continue
+                    for c in config.shared_configs(d, dtype, smooth, pairs, arch):
                         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
         for n in config.AOT_N:
             c = config.gathered_config(d, n)

@@ -61,7 +61,16 @@ def forward_backward(
     table-shaped buffer. ``deterministic`` only changes the indexed layout's item gradient (an
     item-segment pass instead of atomics); every other path is deterministic already.
     """
-    return _run(p, _kernels().plan(p, spec, row_scale, needs, deterministic, emulate_dot=_check_device(p))).outputs()
+    return _run(p, _kernels().plan(p, spec, row_scale, needs, deterministic, emulate_dot=_check_device(p),
+                                   arch=_arch(p))).outputs()
+
+
+def _arch(p: Problem) -> int:
+    """The compute capability ×10 of the tensors' GPU (90 in the interpreter: arch-free)."""
+    if p.query.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(p.query.device)
+    return 10 * major + minor
 
 
 def forward_state(p: Problem, spec: LossSpec, deterministic: bool = False) -> tuple[Tensor, Tensor]:

@@ -156,13 +156,13 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {key: int(val) for key, val in re.findall(r"(REG|STACK|LOCAL):(\d+)", line)}
 
 
-def _launches(kinds: tuple[str, ...], case: int) -> tuple[str, list]:
-    """The launches the runtime would make for case number ``case`` of :func:`cases`."""
+def _launches(kinds: tuple[str, ...], case: int, cap: int = 90) -> tuple[str, list]:
+    """The launches the runtime would make on an sm_``cap`` GPU for case number ``case`` of :func:`cases`."""
     from . import triton_plan as launch_mod
 
     label, problem, spec, det = cases(kinds)[case]
     plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
-                           emulate_dot=False)
+                           emulate_dot=False, arch=cap)
     return f"{label} d={problem.d} N={problem.N}", plan.launches
 
 
@@ -198,7 +198,7 @@ def compile_launch(launch: Any, cap: int, variant: str = "", sass: bool = False)
 def _compile(job: tuple[tuple[str, ...], int, int, int, bool]) -> Result:
     """Compile launch ``index`` of case ``case`` for sm_``cap`` (a picklable job for worker processes)."""
     kinds, case, index, cap, sass = job
-    label, launches = _launches(kinds, case)
+    label, launches = _launches(kinds, case, cap)
     return compile_launch(launches[index], cap, label, sass)
 
 
@@ -211,11 +211,12 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
         raise RuntimeError("AOT compilation needs the kernels decorated without TRITON_INTERPRET; use run_isolated()")
     seen, out = set(), []
     for case in range(len(cases(kinds))):
-        for index, step in enumerate(_launches(kinds, case)[1]):
-            key = (step.name, repr(_signature(step)), step.config)
-            if key not in seen:
-                seen.add(key)
-                out.extend((kinds, case, index, cap, sass) for cap in archs)
+        for cap in archs:
+            for index, step in enumerate(_launches(kinds, case, cap)[1]):
+                key = (step.name, repr(_signature(step)), step.config, cap)
+                if key not in seen:
+                    seen.add(key)
+                    out.append((kinds, case, index, cap, sass))
     return out
 
 

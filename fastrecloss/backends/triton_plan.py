@@ -97,12 +97,14 @@ def _loss_args(p: Problem, spec: LossSpec) -> dict[str, Any]:
 
 
 def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool, bool, bool],
-         deterministic: bool, emulate_dot: bool, state: Tensor | None = None, save_state: bool = False) -> Plan:
+         deterministic: bool, emulate_dot: bool, state: Tensor | None = None, save_state: bool = False,
+         arch: int = 90) -> Plan:
     """Allocate the outputs of ``forward_backward`` and list the launches that fill them.
 
     Gathered layouts only: ``save_state`` makes a forward (no ``row_scale``) also return the [4, R]
     row stats in ``Plan.state``; ``state`` (with ``row_scale``) plans the backward's gradient pass
-    alone, which computes no loss. ``emulate_dot``: the kernels run in the interpreter."""
+    alone, which computes no loss. ``emulate_dot``: the kernels run in the interpreter. ``arch``: the
+    GPU's compute capability (×10), for the per-arch tiles of ``kernels/config.py``."""
     acc = acc_dtype(p.query.dtype)
     R, d, dev = p.R, p.d, p.query.device
     need_q, need_p, need_n = needs if row_scale is not None else (False, False, False)
@@ -137,7 +139,7 @@ def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool
         stride_pd=_strides(p.pos)[1], NEED_GQ=need_q, NEED_GP=need_p, INTERPRET=emulate_dot, **_loss_args(p, spec),
     )
     if p.layout == "shared":
-        _plan_shared(out, p, dict(common, SAVE_STATS=need_n))
+        _plan_shared(out, p, dict(common, SAVE_STATS=need_n), arch)
     elif state is not None:
         _plan_gathered(out, p, common, deterministic, "gradient")
     elif two_pass:
@@ -171,9 +173,9 @@ def hit_codes(pos_ids: Tensor, neg_ids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(present, code_pos, -1).to(torch.int32), code_neg
 
 
-def _plan_shared(out: Plan, p: Problem, common: dict[str, Any]) -> None:
+def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int) -> None:
     pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
-    rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs)
+    rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs, arch=arch)
     if common["HIT_POS"] is not None and p.N > 0:
         common = dict(common, **dict(zip(("HIT_POS", "HIT_NEG"), hit_codes(common["HIT_POS"], common["HIT_NEG"]))))
     mask = common["MASK"]
