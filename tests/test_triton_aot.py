@@ -48,7 +48,9 @@ def _expected_tiles() -> set[str]:
 
 def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[aot.Result]) -> None:
     assert {r.kernel for r in results} == KERNELS
-    by_arch = {arch: {(r.kernel, r.variant) for r in results if r.arch == arch} for arch in ("sm_80", "sm_90")}
+    # the same problems and kernels for both archs (tiles may differ per arch: strip them)
+    by_arch = {arch: {(r.kernel, r.variant.rsplit(" ", 2)[0]) for r in results if r.arch == arch}
+               for arch in ("sm_80", "sm_90")}
     assert by_arch["sm_80"] == by_arch["sm_90"] and by_arch["sm_80"]
     compiled_tiles = {r.variant.rsplit(" ", 2)[-2] + " " + r.variant.rsplit(" ", 1)[-1] for r in results}
     assert compiled_tiles == _expected_tiles()
