@@ -98,6 +98,8 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
     (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
     if smooth and (pairs or block_d == 256) and not _wide(dtype):
         br, bn, w_rows = SMOOTH_ROWS[block_d]
+    elif pairs and not _wide(dtype) and block_d == 256:
+        br = 32  # the keep tile and the ids beside a [64, 256] accumulator spill (in-batch, sm_90): mma.sync
     elif pairs and not _wide(dtype) and arch < 90:
         w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps can spill with mma.sync
     stages = 1 if _wide(dtype) else 2
