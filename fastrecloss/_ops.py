@@ -269,9 +269,12 @@ def _saves_state(backend: str, layout: str) -> bool:
 
 
 def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
-    """Weighted reduction of per-row losses: 'none' → w_r·L_r, 'sum', 'mean' (÷ Σ w, or ÷ R)."""
+    """Weighted reduction of per-row losses: 'none' → w_r·L_r, 'sum', 'mean' (÷ Σ w, or ÷ R), in the wider
+    of the two dtypes (a small fp32 weight does not flush to 0 against 16-bit rows)."""
     if weight is not None:
-        rows = rows * weight.to(rows.dtype)
+        wide = torch.promote_types(rows.dtype, weight.dtype)
+        rows, weight = rows.to(wide), weight.to(wide)
+        rows = rows * weight
     if reduction == "none":
         return rows
     total = rows.sum()

@@ -293,31 +293,31 @@ def forward_backward(
             continue
 
         # Pass 2: g = factor ⊙ scores, with factor scaled by row_scale/τ (the chain rule through
-        # s = <q, v>/τ), then two GEMMs over the whole chunk. The factor goes on the GEMMs' small
-        # operands, gq = f ⊙ (g V) and gV += gᵀ (f ⊙ q), unless the tiles' factors differ (each
-        # tile was shifted by its own max) or a constant joins g (label smoothing): then the
-        # tiles are rescaled in place first.
+        # s = <q, v>/τ), then the gradient GEMMs with the factor on their small operands:
+        # gq = Σ_t f_t ⊙ (E_t V_t) and gV_t += E_tᵀ (f_t ⊙ q), one pair per item tile (each tile
+        # was shifted by its own max, so each has its own factor; the tiles are column blocks of
+        # the row-major buffer). A constant in g (label smoothing) is added in place first.
         scale = row_scale[r0:r1].to(acc) * inv_tau
         factor = factor * scale[:, None]
         g_pos = g_pos * scale if g_pos is not None else None
-        f = factor[:, :1]  # with one tile every tile has the same factor
-        if factor.shape[1] > 1 or g_const is not None:
+        if g_const is not None:
             for t, (j0, j1) in enumerate(tiles):
-                tile = ws.tile(c, j0, j1, N).mul_(factor[:, t, None])
-                if g_const is not None:
-                    tile.add_((g_const * scale)[:, None])
-                    mask = _tile_mask(p, r0, r1, j0, j1, ws, outside)
-                    if mask is not None:
-                        tile.masked_fill_(mask, 0)
-            f = torch.ones_like(f)
-        g = ws.view(ws.scores, c, N)
+                tile = ws.tile(c, j0, j1, N).mul_(factor[:, t, None]).add_((g_const * scale)[:, None])
+                mask = _tile_mask(p, r0, r1, j0, j1, ws, outside)
+                if mask is not None:
+                    tile.masked_fill_(mask, 0)
+            factor = torch.ones_like(factor)
         gq = grad_q[r0:r1] if need_q else None
         if p.layout == "shared":
-            if gq is not None:
-                torch.mm(g, table, out=gq).mul_(f)
-            if need_n:
-                grad_neg.addmm_(g.T, f * q)
-        else:
+            for t, (j0, j1) in enumerate(tiles):
+                g, f = ws.tile(c, j0, j1, N), factor[:, t if factor.shape[1] > 1 else 0, None]
+                if gq is not None:
+                    part = torch.mm(g, table[j0:j1], out=gq if t == 0 else None)
+                    part.mul_(f) if t == 0 else gq.addcmul_(part, f)
+                if need_n:
+                    grad_neg[j0:j1].addmm_(g.T, f * q)
+        else:  # one tile: the whole row
+            g, f = ws.view(ws.scores, c, N), factor[:, :1]
             if gq is not None:
                 torch.bmm(g[:, None, :], negs, out=gq[:, None, :])
                 gq.mul_(f)

@@ -7,7 +7,9 @@
 ``--download``: fetched from files.grouplens.org into ``--data-dir``), or ``synthetic`` (the
 embedded default). Results (config, per-epoch history, best validation and test metrics) go to
 ``OUT/results.json``; a checkpoint is written to ``OUT/checkpoint.pt`` after every epoch and
-``--resume`` continues from it.
+``--resume`` continues from it. Under ``torchrun --nproc_per_node N -m fastrecloss train mf
+--dist gather|shard`` the run is spread over N ranks with the same metrics as one process
+(:mod:`fastrecloss.recsys.mf_dist`, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -37,6 +40,7 @@ from .data import (
     synthetic,
 )
 from .metrics import check_ks, full_ranking
+from .mf_dist import DIST_MODES, DistributedMF, world_from_env
 from .models.mf import LOSSES, MF, MFBatch, check_loss, resolve_layout
 from .sampling import SAMPLERS, NegativeSampler, UserItemSet
 from .training import PeakMemory, fit, progress, seed_everything, write_json
@@ -82,6 +86,7 @@ class MFConfig:
     resume: bool = False
     progress: bool = True
     deterministic: bool = False
+    dist: str = "gather"  # under torchrun: gather (rows split, negatives gathered) | shard (item table sharded)
 
     def hparams(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in HPARAMS if getattr(self, k) is not None}
@@ -151,11 +156,16 @@ def train_mf(cfg: MFConfig, split: Split | None = None, log: Any = None) -> dict
         split, desc = load_split(cfg)
     train, valid, test = split
     check_ks(ks, train.num_items)
+    ddp = DistributedMF(cfg.dist, cfg.loss, layout) if world_from_env() > 1 else None
+    if ddp is not None and cfg.resume:
+        raise ValueError("--resume is not supported under torchrun (no checkpoints are written there)")
+    lead = ddp is None or ddp.rank == 0
     gen = seed_everything(cfg.seed)
     sampler_gen = torch.Generator().manual_seed(cfg.seed + 1)
     normalize = cfg.loss == "ccl" if cfg.normalize is None else cfg.normalize
     model = MF(train.num_users, train.num_items, cfg.dim, normalize=normalize)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = ddp.attach(model) if ddp is not None else model.parameters()
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = train.item_counts()
     sampler = None
     if cfg.sampler != "in-batch":
@@ -170,28 +180,41 @@ def train_mf(cfg: MFConfig, split: Split | None = None, log: Any = None) -> dict
         perm = torch.randperm(len(train), generator=gen)
         total, batches = 0.0, 0
         steps = range(0, len(train), cfg.batch_size)
-        for start in progress(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress):
+        kw = dict(temperature=cfg.temperature, hparams=cfg.hparams(), backend=cfg.backend,
+                  deterministic=cfg.deterministic)
+        for start in progress(steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=cfg.progress and lead):
             idx = perm[start:start + cfg.batch_size]
-            loss = model.loss(MFBatch(users_t[idx], items_t[idx]), cfg.loss, layout, sampler=sampler,
-                              num_negatives=cfg.negatives, temperature=cfg.temperature, hparams=cfg.hparams(),
-                              log_q_correction=cfg.logq, exclude=exclude, item_counts=counts, backend=cfg.backend,
-                              deterministic=cfg.deterministic)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch + 1}; lower --lr or "
+            batch = MFBatch(users_t[idx], items_t[idx])
+            if ddp is None:
+                loss = model.loss(batch, cfg.loss, layout, sampler=sampler, num_negatives=cfg.negatives,
+                                  log_q_correction=cfg.logq, exclude=exclude, item_counts=counts, **kw)
+            else:
+                loss = ddp.loss(batch, sampler=sampler, num_negatives=cfg.negatives, log_q_correction=cfg.logq,
+                                exclude=exclude, item_counts=counts, kw=kw)
+            value = float(loss.detach()) if ddp is None else ddp.total(loss)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite loss {value} at epoch {epoch + 1}; lower --lr or "
                                          "raise --temperature")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if ddp is not None:
+                ddp.sync_grads()
             optimizer.step()
-            total += float(loss.detach())
+            total += value
             batches += 1
         return {"loss": total / max(batches, 1)}
 
-    result = fit(model, optimizer, train_epoch=train_epoch, evaluate=lambda: evaluate(model, valid, train_hist, ks),
-                 epochs=cfg.epochs, metric=cfg.metric, patience=cfg.patience, generators={"shuffle": gen,
-                 "sampler": sampler_gen}, out_dir=cfg.out, resume=cfg.resume, eval_every=cfg.eval_every, log=log,
-                 fingerprint={k: v for k, v in asdict(cfg).items() if k not in RESUMABLE})
+    def validate() -> dict[str, float]:
+        run = lambda: evaluate(model, valid, train_hist, ks)  # noqa: E731
+        return run() if ddp is None else ddp.evaluate(run)
+
+    result = fit(model, optimizer, train_epoch=train_epoch, evaluate=validate, epochs=cfg.epochs, metric=cfg.metric,
+                 patience=cfg.patience, generators={"shuffle": gen, "sampler": sampler_gen},
+                 out_dir=cfg.out if ddp is None else None, resume=cfg.resume, eval_every=cfg.eval_every,
+                 log=log if lead else None, fingerprint={k: v for k, v in asdict(cfg).items() if k not in RESUMABLE})
     model.eval()
-    test_metrics = evaluate(model, test, _per_user(train, valid), ks)
+    run_test = lambda: evaluate(model, test, _per_user(train, valid), ks)  # noqa: E731
+    test_metrics = run_test() if ddp is None else ddp.evaluate(run_test, gather_table=False)
     secs = [h["train_seconds"] for h in result.history]
     results = {
         "model": "mf", "config": {**asdict(cfg), "layout_resolved": layout, "normalize_resolved": normalize},
@@ -200,9 +223,12 @@ def train_mf(cfg: MFConfig, split: Split | None = None, log: Any = None) -> dict
         "valid": result.best_valid, "test": test_metrics,
         "seconds_per_epoch": float(np.mean(secs)) if secs else None,
         "total_seconds": time.perf_counter() - t_start, "history": result.history,
+        "world_size": 1 if ddp is None else ddp.world,
     }
-    if cfg.out is not None:
+    if cfg.out is not None and lead:
         write_json(Path(cfg.out) / "results.json", results)
+    if ddp is not None:
+        ddp.close()
     return results
 
 
@@ -250,6 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser, model_name: str = "mf") -> No
     g.add_argument("--out", default=None, help="directory for results.json and checkpoint.pt")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--dist", default=d.dist, choices=DIST_MODES, help="under torchrun: gather (the global batch "
+                   "split across ranks, negatives gathered) or shard (the item table sharded by rows); "
+                   "docs/distributed.md")
 
 
 def config_from_args(args: argparse.Namespace) -> MFConfig:
@@ -276,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, FloatingPointError) as e:  # DataError is a ValueError
         print(f"fastrecloss train mf: error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(results["data"])
     print(_summary(results))
     if cfg.out is not None:
