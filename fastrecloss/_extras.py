@@ -12,8 +12,8 @@
 * ``pos_idx`` [R, P] (several positives, ``ignore_index`` padding), contrastive family:
   L_r = −log Σ_p e^{s_rp} + λ(log(ε Σ_p e^{s_rp} + Σ_j e^{s_rj}) − μ log n_r), every positive excluded
   from the negatives (softmax_ce: the catalogue keeps them, L_r = −log Σ_p e^{s_rp} + log Σ_i e^{s_ri},
-  LogInCE's formula for distinct positives); the negatives' log-sum-exp is the core ``sampled_logsumexp`` on any backend, the
-  positives' scores O(R·P·d) in PyTorch.
+  LogInCE's formula for distinct positives); the negatives' log-sum-exp is the core ``sampled_logsumexp``
+  on any backend, the positives' scores O(R·P·d) in PyTorch.
 """
 
 from __future__ import annotations

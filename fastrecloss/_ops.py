@@ -8,6 +8,9 @@ Two entry points share one signature (the :class:`Problem` flattened into tensor
   pass and kept in the accumulation dtype (fp32); its backward multiplies them by the upstream
   gradient and only then casts each to its input's dtype, so a loss scale (GradScaler) protects
   small 16-bit gradients.
+* ``loss_rows_state`` (triton backend, per-row and indexed layouts) returns the per-row losses and
+  the [4, R] fp32 row stats of the same pass; its backward, ``grad_from_state``, is one gradient
+  pass over the negatives (two reads of them per forward+backward instead of three).
 
 Under ``torch.compile`` they are ``torch.library`` custom ops (``fastrecloss::loss_rows`` /
 ``::loss_scalar``) with fake implementations, so ``fullgraph=True`` traces through them. In eager
@@ -76,8 +79,34 @@ def _scalar_impl(
     return total, _grad_or_empty(gq, query), _grad_or_empty(gp, query), _grad_or_empty(gn, query)
 
 
+def _state_impl(
+    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
+    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
+    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
+                 layout, temperature)
+    return _backend(backend).forward_state(p, LossSpec.from_params(kind, params), deterministic)
+
+
+def _grad_state_impl(
+    query: Tensor, neg: Tensor, pos: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None,
+    log_q: Tensor | None, pos_log_q: Tensor | None, hit_pos_ids: Tensor | None, hit_neg_ids: Tensor | None,
+    neg_mask: Tensor | None, layout: str, temperature: float, kind: int, params: list[float], backend: str,
+    deterministic: bool, state: Tensor, row_scale: Tensor, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    p = _problem((query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask),
+                 layout, temperature)
+    gq, gp, gn = _backend(backend).backward_from_state(p, LossSpec.from_params(kind, params), state, row_scale,
+                                                       tuple(needs), deterministic)
+    return _grad_or_empty(gq, query), _grad_or_empty(gp, query), _grad_or_empty(gn, query)
+
+
 loss_rows = torch.library.custom_op("fastrecloss::loss_rows", mutates_args=())(_rows_impl)
 loss_scalar = torch.library.custom_op("fastrecloss::loss_scalar", mutates_args=())(_scalar_impl)
+loss_rows_state = torch.library.custom_op("fastrecloss::loss_rows_state", mutates_args=())(_state_impl)
+grad_from_state = torch.library.custom_op("fastrecloss::grad_from_state", mutates_args=())(_grad_state_impl)
 
 
 @loss_rows.register_fake
@@ -86,16 +115,36 @@ def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_
     return query.new_empty(query.shape[0], dtype=acc_dtype(query.dtype))
 
 
+def _fake_grads(query: Tensor, pos: Tensor | None, neg: Tensor, needs: list[bool],
+                dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake gradients in the accumulation dtype (or ``dtypes`` per input), empty where not needed."""
+    acc = acc_dtype(query.dtype)
+    dq, dp, dn = dtypes or (acc, acc, acc)
+
+    def like(t, need, dtype):
+        return t.new_empty(t.shape, dtype=dtype) if (need and t is not None) else query.new_empty(0)
+
+    return like(query, needs[0], dq), like(pos, needs[1] and pos is not None, dp), like(neg, needs[2], dn)
+
+
 @loss_scalar.register_fake
 def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
       temperature, kind, params, backend, deterministic, row_scale, needs):
+    return query.new_empty((), dtype=acc_dtype(query.dtype)), *_fake_grads(query, pos, neg, needs)
+
+
+@loss_rows_state.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic):
+    R = query.shape[0]
+    return query.new_empty(R, dtype=acc_dtype(query.dtype)), query.new_empty(4, R, dtype=torch.float32)
+
+
+@grad_from_state.register_fake
+def _(query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids, neg_mask, layout,
+      temperature, kind, params, backend, deterministic, state, row_scale, needs):
     acc = acc_dtype(query.dtype)
-
-    def like(t, need):
-        return t.new_empty(t.shape, dtype=acc) if (need and t is not None) else query.new_empty(0)
-
-    return query.new_empty((), dtype=acc), like(query, needs[0]), like(pos, needs[1] and pos is not None), \
-        like(neg, needs[2])
+    return _fake_grads(query, pos, neg, needs, (acc, acc, neg.dtype if layout == "per_row" else acc))
 
 
 def _first_order_only(grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
@@ -160,8 +209,29 @@ def _scalar_backward(ctx, grad_total, *_unused):
     return _first_order_only(grads)
 
 
+def _state_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10], output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.static = inputs[10:]
+
+
+def _state_backward(ctx, grad_rows, _grad_state):
+    *tensors, state = ctx.saved_tensors
+    query, neg, pos = tensors[0], tensors[1], tensors[2]
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and pos is not None, ctx.needs_input_grad[1]]
+    grad_op = _grad_state_impl if getattr(ctx, "eager", False) else grad_from_state
+    with torch.no_grad():  # the row scale is the upstream gradient: these gradients are final
+        gq, gp, gn = grad_op(*tensors, *ctx.static, state, grad_rows.to(acc_dtype(query.dtype)), needs)
+    grads: list[Tensor | None] = [None] * 16
+    grads[0] = gq.to(query.dtype) if needs[0] else None
+    grads[1] = gn.to(neg.dtype) if needs[2] else None
+    grads[2] = gp.to(pos.dtype) if needs[1] else None
+    return _first_order_only(grads)
+
+
 loss_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
 loss_scalar.register_autograd(_scalar_backward, setup_context=_scalar_setup)
+loss_rows_state.register_autograd(_state_backward, setup_context=_state_setup)
 
 
 def _eager_setup(setup):
@@ -186,6 +256,18 @@ class _EagerScalar(torch.autograd.Function):
     backward = staticmethod(_scalar_backward)
 
 
+class _EagerState(torch.autograd.Function):
+    forward = staticmethod(_state_impl)
+    setup_context = _eager_setup(_state_setup)
+    backward = staticmethod(_state_backward)
+
+
+def _saves_state(backend: str, layout: str) -> bool:
+    """The triton backend's per-row and indexed forwards save row stats for a one-pass backward
+    (plain Python: traced by torch.compile without importing the backend)."""
+    return backend == "triton" and layout != "shared"
+
+
 def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
     """Weighted reduction of per-row losses: 'none' → w_r·L_r, 'sum', 'mean' (÷ Σ w, or ÷ R), in the wider
     of the two dtypes (a small fp32 weight does not flush to 0 against 16-bit rows)."""
@@ -203,17 +285,10 @@ def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
     return total / weight.to(rows.dtype).sum().clamp_min(torch.finfo(rows.dtype).tiny)
 
 
-def check_backend_supports(spec: LossSpec, backend: str) -> None:
-    """Options a backend does not implement yet (one place, to delete when the kernels have them)."""
-    if backend == "triton" and (spec.label_smoothing or spec.z_loss):
-        raise NotImplementedError("label_smoothing and z_loss are not implemented in the triton kernels yet: "
-                                  "use backend='torch' for them")
-
 
 def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight: Tensor | None,
           reduction: str) -> Tensor:
     """Run a fused backend with autograd; returns the reduced loss in the accumulation dtype."""
-    check_backend_supports(spec, backend)
     args = [getattr(p, f) for f in _TENSOR_FIELDS]
     static = [p.layout, p.temperature, int(spec.kind), spec.params, backend, deterministic]
     compiling = torch.compiler.is_compiling()
@@ -229,7 +304,11 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     # computes the gradients in the forward and treats the row scale as a constant.
     recompute = p.layout != "shared" or (weight is not None and weight.requires_grad and grad_on)
     if reduction == "none" or recompute:
-        return reduce_rows(rows_op(*args, *static), weight, reduction)
+        if _saves_state(backend, p.layout):  # forward saves the row stats: a one-pass backward
+            rows = (loss_rows_state if compiling else _EagerState.apply)(*args, *static)[0]
+        else:
+            rows = rows_op(*args, *static)
+        return reduce_rows(rows, weight, reduction)
     needs = [grad_on and p.query.requires_grad,
              grad_on and p.pos is not None and p.pos.requires_grad,
              grad_on and p.neg.requires_grad]

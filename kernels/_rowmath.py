@@ -3,8 +3,10 @@
 A row's negatives stream by in tiles ``s`` [rows, items] of scores (−inf = excluded). The state
 of a row while they do is ``(m, a, b)``:
 
-* contrastive (kind 0): ``m`` is the running max of the log-terms {s_rj} ∪ {log ε + s_r+} and
-  ``a = Σ e^{t − m}`` over them (online max/sum-exp, as in flash-attention); ``b`` is unused.
+* contrastive (kind 0): scores are carried in log2 units, t = s·log2(e) (the kernels fold
+  log2(e)/τ into the one multiply that scales the dot products, and exponentiate with ``exp2``):
+  ``m`` is the running max of the log2-terms {t_rj} ∪ {log2 ε + t_r+} and ``a = Σ 2^{t − m}`` over
+  them (online max/sum-exp, as in flash-attention); ``b`` is unused.
 * pointwise (bpr 1, bce 2, ccl 3): ``a = Σ_j val(s_rj)`` (the negatives' loss terms) and
   ``b = Σ_j h(s_rj)`` with ``h = ∂val/∂s``; ``m`` is unused.
 
@@ -12,9 +14,10 @@ of a row while they do is ``(m, a, b)``:
 
     ∂L_r/∂s_rj = coef_r · φ(s_rj; shift_r),   ∂L_r/∂s_r+ = g_pos_r
 
-with φ = e^{s − shift} (contrastive, shift = final max) or φ = h(s; s_r+) (pointwise,
-shift = s_r+). Kernels that must recompute scores (the item-side passes) only need
-``(shift, coef·scale/τ, g_pos·scale/τ)`` per row: three floats, never an R×N buffer.
+with φ = 2^{t − shift} (contrastive, shift = final max in log2 units) or φ = h(s; s_r+) (pointwise,
+natural units, shift = s_r+). :func:`score_unit` is the factor from s to the kind's units. Kernels
+that must recompute scores (the item-side and gradient passes) only need ``(shift, coef, g_pos)``
+per row (times the row scale/τ; a fourth, uni, with label smoothing): never an R×N buffer.
 """
 
 from __future__ import annotations
@@ -23,6 +26,29 @@ import triton
 import triton.language as tl
 
 TINY: tl.constexpr = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32, as the torch backend
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def score_unit(KIND: tl.constexpr):
+    """s → the units the row state uses: log2(e) for the contrastive family (exp2), 1 otherwise."""
+    if KIND == 0:
+        return LOG2E
+    else:
+        return 1.0
+
+
+@triton.jit
+def exp2(x, INTERPRET: tl.constexpr):
+    """2^x in one MUFU.EX2: ``ex2.approx.ftz.f32`` (flush-to-zero; what ``tl.exp2`` lowers to is the
+    non-ftz form, which ptxas wraps in a range test and two multiplies). 2^−inf = 0."""
+    if INTERPRET:
+        y = tl.exp2(x)
+    else:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return y
 
 
 @triton.jit
@@ -54,7 +80,7 @@ def tf32_truncate(x):
 
 
 @triton.jit
-def mm(a, b, DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr):
+def mm(a, b, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr):
     """a @ b with an fp32 accumulator.
 
     bf16/fp16 (DOT_DT): both operands rounded to DOT_DT, one tensor-core MMA. fp32: the 3×TF32
@@ -62,7 +88,7 @@ def mm(a, b, DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr):
     a·b ≈ small_a·big_b + big_a·small_b + big_a·big_b on the tensor cores, ~fp32 accurate (the
     dropped small·small term is ~2⁻²² relative), without the register cost of IEEE FMA dots.
 
-    EMULATE_DOT (the CPU interpreter, whose ``tl.dot`` multiplies bf16 bit patterns as integers
+    INTERPRET (the CPU interpreter, whose ``tl.dot`` multiplies bf16 bit patterns as integers
     and ignores ``input_precision``) computes the same operand roundings explicitly and multiplies
     in fp32; products of bf16 or tf32 values are exact in fp32, so this is the tensor-core result
     up to the summation order. (The emulated 3×TF32 split follows the published scheme, big parts
@@ -72,7 +98,7 @@ def mm(a, b, DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr):
     if tl.float32 == DOT_DT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-        if EMULATE_DOT:
+        if INTERPRET:
             a_big = tf32_round(a)
             b_big = tf32_round(b)
             out = tl.dot(tf32_truncate(a - a_big), b_big, input_precision="ieee")
@@ -83,7 +109,7 @@ def mm(a, b, DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr):
     else:
         a = a.to(DOT_DT)
         b = b.to(DOT_DT)
-        if EMULATE_DOT:
+        if INTERPRET:
             out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
             out = tl.dot(a, b)
@@ -112,11 +138,11 @@ def item_terms(s, s_pos, margin, KIND: tl.constexpr):
 
 
 @triton.jit
-def init_state(s_pos, log_eps, KIND: tl.constexpr, HAS_EPS: tl.constexpr):
-    """Row state before any negative: the positive's log-term log ε + s+ when it is in the LSE."""
+def init_state(s_pos, log2_eps, KIND: tl.constexpr, HAS_EPS: tl.constexpr):
+    """Row state before any negative: the positive's log2-term log2 ε + t+ when it is in the LSE."""
     zero = tl.zeros_like(s_pos)
     if KIND == 0 and HAS_EPS:
-        m = s_pos + log_eps
+        m = s_pos * LOG2E + log2_eps
         a = zero + 1.0
     else:
         m = zero + float("-inf")
@@ -125,8 +151,8 @@ def init_state(s_pos, log_eps, KIND: tl.constexpr, HAS_EPS: tl.constexpr):
 
 
 @triton.jit
-def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr):
-    """Fold a score tile s [rows, items] into the row state.
+def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """Fold a score tile s [rows, items] (in :func:`score_unit` units) into the row state.
 
     Returns (m, a, b, alpha, phi): a query-gradient accumulator Σ_j φ_rj v_j must be rescaled
     by alpha [rows] before adding this tile's Σ_j phi_rj v_j (alpha = 1 for pointwise kinds).
@@ -134,8 +160,8 @@ def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr):
     if KIND == 0:
         m_new = tl.maximum(m, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        phi = tl.exp(s - m_ref[:, None])
+        alpha = exp2(m - m_ref, INTERPRET)
+        phi = exp2(s - m_ref[:, None], INTERPRET)
         a = a * alpha + tl.sum(phi, 1)
         m = m_new
     else:
@@ -147,10 +173,11 @@ def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr):
 
 
 @triton.jit
-def neg_phi(s, shift, margin, KIND: tl.constexpr):
-    """φ(s; shift) such that ∂L/∂s = coef·φ, recomputed from a score tile (shift broadcast)."""
+def neg_phi(s, shift, margin, KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """φ(s; shift) such that ∂L/∂s = coef·φ, recomputed from a score tile (in :func:`score_unit`
+    units, shift broadcast)."""
     if KIND == 0:
-        phi = tl.exp(s - shift)
+        phi = exp2(s - shift, INTERPRET)
     else:
         _, phi = item_terms(s, shift, margin, KIND)
     return phi
@@ -169,30 +196,37 @@ def pointwise_coef(cnt, neg_weight, KIND: tl.constexpr, NEG_SUM: tl.constexpr):
 
 
 @triton.jit
-def finalize(m, a, b, cnt, s_pos, log_eps, lam, mu, beta, neg_weight, KIND: tl.constexpr, HAS_POS: tl.constexpr,
-             HAS_EPS: tl.constexpr, NEG_SUM: tl.constexpr):
-    """Row loss and gradient factors (loss, shift, coef, g_pos), see the module docstring.
+def finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight, smooth, z_loss, KIND: tl.constexpr,
+             HAS_POS: tl.constexpr, HAS_EPS: tl.constexpr, NEG_SUM: tl.constexpr):
+    """Row loss and gradient factors (loss, shift, coef, g_pos, uni), see the module docstring.
 
-    contrastive: L = −s+ + λ(m + log a − μ log n); coef = λ/a; g+ = −1 + λ ε e^{s+}/(a e^m);
-    a row with n_r = 0 has loss 0 and zero gradient.
+    contrastive (m in log2 units, lse = ln 2·(m + log2 a)), with label smoothing α = ``smooth``
+    over the n_r candidates (``ssum`` = Σ_j t_rj of the kept ones, log2 units) and z-loss z:
+    L = λ(lse − μ log n) + z·lse² − α·mean_j s_rj − (1 − α)·s+;
+    ∂L/∂s_rj = coef·2^{t − m} + uni with coef = (λ + 2z·lse)/a and uni = −α/n;
+    g+ = coef·ε·2^{t+ − m} − (1 − α); a row with n_r = 0 has loss 0 and zero gradient.
     bpr: L = a/n, g+ = −b/n;  bce: L = β softplus(−s+) + a/n, g+ = −β σ(−s+);
     ccl: L = relu(1 − s+) + w a/n, g+ = −[s+ < 1]  (n → 1 with neg_sum).
     """
     zero = tl.zeros_like(a)
+    uni = zero
     if KIND == 0:
         has_neg = cnt > 0
+        n = tl.maximum(cnt.to(tl.float32), 1.0)
         shift = tl.where(m == float("-inf"), 0.0, m)
         a_safe = tl.maximum(a, TINY)
-        loss = lam * (shift + tl.log(a_safe) - mu * tl.log(tl.maximum(cnt.to(tl.float32), 1.0)))
+        lse = LN2 * (shift + tl.log2(a_safe))
+        loss = lam * (lse - mu * tl.log(n)) + z_loss * lse * lse - smooth * (ssum * LN2) / n
         if HAS_POS:
-            loss -= s_pos
+            loss -= (1.0 - smooth) * s_pos
         loss = tl.where(has_neg, loss, zero)
-        coef = tl.where(has_neg, lam / a_safe, zero)
+        coef = tl.where(has_neg, (lam + 2.0 * z_loss * lse) / a_safe, zero)
+        uni = tl.where(has_neg, -smooth / n, zero)
         if HAS_POS:
             if HAS_EPS:
-                g_pos = coef * tl.exp(s_pos + log_eps - shift) - 1.0
+                g_pos = coef * tl.exp2(s_pos * LOG2E + log2_eps - shift) - (1.0 - smooth)
             else:
-                g_pos = zero - 1.0
+                g_pos = zero - (1.0 - smooth)
             g_pos = tl.where(has_neg, g_pos, zero)
         else:
             g_pos = zero
@@ -208,7 +242,17 @@ def finalize(m, a, b, cnt, s_pos, log_eps, lam, mu, beta, neg_weight, KIND: tl.c
         else:
             loss += tl.maximum(1.0 - s_pos, 0.0)
             g_pos = tl.where(s_pos < 1.0, -1.0, 0.0)
-    return loss, shift, coef, g_pos
+    return loss, shift, coef, g_pos, uni
+
+
+@triton.jit
+def kept_sum(s, SMOOTH: tl.constexpr):
+    """Σ_j of a score tile's kept entries (−inf = excluded), per row; 0 without label smoothing."""
+    if SMOOTH:
+        out = tl.sum(tl.where(s > float("-inf"), s, 0.0), 1)
+    else:
+        out = tl.zeros([s.shape[0]], dtype=tl.float32)
+    return out
 
 
 @triton.jit
@@ -225,23 +269,33 @@ def load_block(X, pid, n_rows, d, stride_xr, stride_xd, BLOCK: tl.constexpr, BLO
 
 
 @triton.jit
+def in_table(idx, valid, n_table):
+    """Index entries that point into a table of ``n_table`` rows; anything else (a padding id such as
+    −100, a stray id) is treated as masked and never dereferenced."""
+    return valid & (idx >= 0) & (idx < n_table)
+
+
+@triton.jit
 def positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_tr, stride_td,
-                     POS_FROM_TABLE: tl.constexpr):
-    """Positive vectors p_r [rows, D] in fp32: POS[r] or, with POS_FROM_TABLE, TABLE[POS_IDX[r]]."""
+                     n_table, POS_FROM_TABLE: tl.constexpr):
+    """Positive vectors p_r [rows, D] in fp32: POS[r] or, with POS_FROM_TABLE, TABLE[POS_IDX[r]]
+    (zeros where pos_idx is outside the table)."""
     if POS_FROM_TABLE:
         prow = tl.load(POS_IDX + rows64, mask=rmask, other=0).to(tl.int64)
+        valid = in_table(prow, rmask, n_table)
         ptrs = TABLE + prow[:, None] * stride_tr + offs_d64[None, :] * stride_td
     else:
+        valid = rmask
         ptrs = POS + rows64[:, None] * stride_pr + offs_d64[None, :] * stride_pd
-    return tl.load(ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return tl.load(ptrs, mask=valid[:, None] & dmask[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def positive_score(q, POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_tr, stride_td,
-                   POS_LOG_Q, inv_tau, POS_FROM_TABLE: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr):
-    """s_r+ = <q_r, p_r>/τ − logq⁺_r (q in fp32)."""
+                   n_table, POS_LOG_Q, inv_tau, POS_FROM_TABLE: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr):
+    """s_r+ = <q_r, p_r>/τ − logq⁺_r (q in fp32, natural units)."""
     p = positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_tr,
-                         stride_td, POS_FROM_TABLE)
+                         stride_td, n_table, POS_FROM_TABLE)
     s_pos = tl.sum(q * p, 1) * inv_tau
     if HAS_POS_LOG_Q:
         s_pos -= tl.load(POS_LOG_Q + rows64, mask=rmask, other=0.0).to(tl.float32)
@@ -249,18 +303,25 @@ def positive_score(q, POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, strid
 
 
 @triton.jit
-def store_row_outputs(rows64, rmask, offs_d64, dmask, acc, loss, shift, coef, g_pos, scale, d, Q, POS, POS_IDX, TABLE,
-                      stride_qr, stride_qd, stride_pr, stride_pd, stride_tr, stride_td,
-                      LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, HAS_POS: tl.constexpr,
-                      POS_FROM_TABLE: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr,
-                      SAVE_STATS: tl.constexpr, ACC_SCALED: tl.constexpr):
-    """Write the row loss, ∂/∂q_r = coef_s·acc + g+_s·p_r, ∂/∂p_r = g+_s·q_r and the saved stats.
+def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, uni, vsum, scale,
+                      Q, stride_qr, stride_qd, POS, stride_pr, stride_pd, POS_IDX, TABLE, stride_tr, stride_td, n_table,
+                      LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI,
+                      HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, NEED_GQ: tl.constexpr,
+                      NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr, ACC_SCALED: tl.constexpr,
+                      STATS_SCALED: tl.constexpr, SMOOTH: tl.constexpr):
+    """Write the row loss, ∂/∂q_r = coef_s·acc + uni_s·vsum + g+_s·p_r, ∂/∂p_r = g+_s·q_r and the
+    saved stats.
 
-    ``scale`` [rows] is row_scale_r/τ; coef_s = coef·scale and g+_s = g_pos·scale. With
-    ACC_SCALED the accumulator already holds the scaled gradient (Σ_j g_rj v_j · scale).
-    q_r and p_r are re-read here rather than kept in registers across the item loop.
+    ``scale`` [rows] is row_scale_r/τ; coef_s = coef·scale, g+_s = g_pos·scale, uni_s = uni·scale
+    (label smoothing's uniform term, times ``vsum`` = Σ_j v_j over the row's kept candidates). With
+    ACC_SCALED the accumulator already holds the scaled gradient (Σ_j g_rj v_j · scale). The saved
+    stats are (shift, coef_s, g+_s, uni_s) with STATS_SCALED (an item pass of the same call consumes
+    them), else (shift, coef, g_pos, uni) (a later gradient pass scales them by its own row scale). The loss is
+    not written when LOSS is None (a gradient pass from saved stats). q_r and p_r are re-read here
+    rather than kept in registers across the item loop.
     """
-    tl.store(LOSS + rows64, loss, mask=rmask)
+    if LOSS is not None:
+        tl.store(LOSS + rows64, loss, mask=rmask)
     coef_s = coef * scale
     g_pos_s = g_pos * scale
     out_mask = rmask[:, None] & dmask[None, :]
@@ -270,15 +331,23 @@ def store_row_outputs(rows64, rmask, offs_d64, dmask, acc, loss, shift, coef, g_
             gq = acc
         else:
             gq = acc * coef_s[:, None]
+            if SMOOTH:
+                gq += (uni * scale)[:, None] * vsum
         if HAS_POS:
             p = positive_vectors(POS, POS_IDX, TABLE, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd,
-                                 stride_tr, stride_td, POS_FROM_TABLE)
+                                 stride_tr, stride_td, n_table, POS_FROM_TABLE)
             gq += g_pos_s[:, None] * p
-        tl.store(GRAD_Q + out_off, gq, mask=out_mask)
+        tl.store(GRAD_Q + out_off, gq.to(GRAD_Q.dtype.element_ty), mask=out_mask)
     if NEED_GP:
         q = tl.load(Q + rows64[:, None] * stride_qr + offs_d64[None, :] * stride_qd, mask=out_mask, other=0.0)
-        tl.store(GRAD_P + out_off, g_pos_s[:, None] * q.to(tl.float32), mask=out_mask)
+        tl.store(GRAD_P + out_off, (g_pos_s[:, None] * q.to(tl.float32)).to(GRAD_P.dtype.element_ty), mask=out_mask)
     if SAVE_STATS:
         tl.store(ROW_SHIFT + rows64, shift, mask=rmask)
-        tl.store(ROW_COEF + rows64, coef_s, mask=rmask)
-        tl.store(ROW_GPOS + rows64, g_pos_s, mask=rmask)
+        if STATS_SCALED:
+            tl.store(ROW_COEF + rows64, coef_s, mask=rmask)
+            tl.store(ROW_GPOS + rows64, g_pos_s, mask=rmask)
+            tl.store(ROW_UNI + rows64, uni * scale, mask=rmask)
+        else:
+            tl.store(ROW_COEF + rows64, coef, mask=rmask)
+            tl.store(ROW_GPOS + rows64, g_pos, mask=rmask)
+            tl.store(ROW_UNI + rows64, uni, mask=rmask)

@@ -8,19 +8,21 @@ positives from the table, every gradient), and the test suite asserts it.
 
 * ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in registers (the
   shared layout needs ≥ 16 for ``tl.dot``), hence a maximum d (:func:`max_d`).
-* shared layout (``tl.dot`` tiles, :data:`SHARED_TILES`): the score tile, the query-gradient
-  accumulator [BLOCK_R, BLOCK_D] and the MMA operands are live together, so the tile shrinks and
-  the warps grow with d. The rows kernel uses BLOCK_R as its MMA M dimension, the items kernel
-  BLOCK_N; one tile serves both. fp32 inputs run 3×TF32 dots whose operands are split in two
-  4-byte halves, so they get smaller tiles and stop at d = 128.
+* shared layout (``tl.dot`` tiles, :data:`SHARED_TILES`): one tile per pass. The rows kernel uses
+  BLOCK_R as its MMA M dimension, the items kernel BLOCK_N; for 2-byte inputs both are 64, the M of
+  one sm_90 warp-group MMA (HGMMA m64nNk16), so both passes run warp-group MMA, with
+  ``num_stages = 2`` (the next item / row tile is prefetched while this one is computed). The score
+  tile, the gradient accumulator [64, BLOCK_D] and the MMA operands are live together, so the
+  inner tile (BLOCK_N of the rows pass, BLOCK_R of the items pass) shrinks and the warps grow with
+  d. fp32 inputs run 3×TF32 dots whose operands are split in two 4-byte halves, so they keep
+  smaller tiles, one stage, and stop at d = 128.
 * per-row / indexed layouts (batched mat-vec, no reuse across rows): one [BLOCK_R, BLOCK_N,
   BLOCK_D] fp32 tile of :data:`GATHER_TILE` elements over 4 warps (16 elements per thread),
   BLOCK_N = min(next_pow2(N), tile/BLOCK_D, 64) negatives per step, and BLOCK_R rows when N is
   small.
 * item-segment pass (deterministic indexed): BLOCK_E lanes × BLOCK_D, ≤ :data:`SEGMENT_TILE`.
-* ``num_stages = 1`` everywhere (no cp.async software pipelining): the register and shared-memory
-  figures above are for that; deeper pipelining is the first knob to try once timings can be
-  measured on a GPU (none were, see docs/roofline.md).
+* ``num_stages = 1`` for fp32 shared tiles and the gathered layouts (their loads are gathers that
+  the pipeliner does not stage); no timing was measured on a GPU (see docs/roofline.md).
 """
 
 from __future__ import annotations
@@ -68,18 +70,40 @@ def check_d(d: int, layout: str, dtype: torch.dtype) -> None:
                          + (" or bf16 inputs" if limit < MAX_D else ""))
 
 
-# (BLOCK_R, BLOCK_N, num_warps) of the shared layout by BLOCK_D: 2-byte inputs, 4-byte inputs.
+# Shared layout by BLOCK_D: ((BLOCK_R, BLOCK_N, num_warps) of the rows pass, (BLOCK_N, BLOCK_R,
+# num_warps) of the items pass — M dimension first), for 2-byte and 4-byte inputs.
 SHARED_TILES = {
-    False: {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 4), 128: (64, 32, 8), 256: (32, 32, 8)},
-    True: {16: (32, 16, 4), 32: (32, 16, 4), 64: (32, 32, 8), 128: (16, 16, 8)},
+    False: {16: ((64, 64, 4), (64, 64, 4)), 32: ((64, 64, 4), (64, 64, 4)), 64: ((64, 64, 4), (64, 64, 4)),
+            128: ((64, 64, 8), (64, 64, 8)), 256: ((64, 32, 8), (64, 32, 8))},
+    True: {16: ((32, 16, 4), (16, 32, 4)), 32: ((32, 16, 4), (16, 32, 4)), 64: ((32, 32, 8), (32, 32, 8)),
+           128: ((16, 16, 8), (16, 16, 8))},
 }
 
 
-def shared_config(d: int, dtype: torch.dtype) -> TileConfig:
+# Label smoothing with a per-(row, item) mask (SMOOTH and [R, N] mask or accidental hits) keeps a
+# second [BLOCK_R, BLOCK_D] accumulator (Σ_j v_j over each row's kept candidates) in the rows pass:
+# 2-byte inputs get 8 warps there, and 32 rows (mma.sync, no HGMMA) from d = 128 on. Without such a
+# mask the kept set is the same for every row and the sum is a [BLOCK_D] column sum (default tiles
+# up to d = 128; the 32-row tile at d = 256, where the column sum's registers would spill).
+SMOOTH_ROWS = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8), 256: (32, 16, 8)}
+
+
+def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool = False,
+                   arch: int = 90) -> tuple[TileConfig, TileConfig]:
+    """(rows pass, items pass) tiles; both as TileConfig(block_r, block_n, ...). ``smooth``: label
+    smoothing is on; ``pairs``: a per-(row, item) mask (an [R, N] mask or accidental hits) is;
+    ``arch``: the compute capability ×10 (sm_80's mma.sync keeps more operands in registers)."""
     check_d(d, "shared", dtype)
     block_d = max(16, next_pow2(d))
-    block_r, block_n, warps = SHARED_TILES[_wide(dtype)][block_d]
-    return TileConfig(block_r, block_n, block_d, warps)
+    (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
+    if smooth and (pairs or block_d == 256) and not _wide(dtype):
+        br, bn, w_rows = SMOOTH_ROWS[block_d]
+    elif pairs and not _wide(dtype) and block_d == 256:
+        br = 32  # the keep tile and the ids beside a [64, 256] accumulator spill (in-batch, sm_90): mma.sync
+    elif pairs and not _wide(dtype) and arch < 90:
+        w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps can spill with mma.sync
+    stages = 1 if _wide(dtype) else 2
+    return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 
 
 def gathered_config(d: int, n: int, layout: str = "per_row", dtype: torch.dtype = torch.float32) -> TileConfig:
@@ -118,10 +142,20 @@ def topk_width(k: int) -> int:
     return next(w for w in TOPK_WIDTHS if k <= w)
 
 
+# (BLOCK_R, BLOCK_N, num_warps) of the rank count by BLOCK_D, for 2-byte and 4-byte inputs: the tiles its
+# zero-spill AOT check was first run with (one pass, no gradient accumulators, no pipelining).
+RANK_TILES = {
+    False: {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 4), 128: (64, 32, 8), 256: (32, 32, 8)},
+    True: {16: (32, 32, 4), 32: (32, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
+}
+
+
 def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConfig:
     """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k."""
-    cfg = shared_config(d, dtype)
+    check_d(d, "shared", dtype)
+    block_d = max(16, next_pow2(d))
+    block_r, block_n, warps = RANK_TILES[_wide(dtype)][block_d]
     if k is None:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 bytes on sm_80)
-        return TileConfig(cfg.block_r, max(cfg.block_n, 32), cfg.block_d, cfg.num_warps)
+        return TileConfig(block_r, block_n, block_d, warps)
     block_r = 16 if _wide(dtype) or topk_width(k) > 64 else 32
-    return TileConfig(block_r, 32, cfg.block_d, 8)
+    return TileConfig(block_r, 32, block_d, 8)

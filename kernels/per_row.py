@@ -8,14 +8,18 @@ table gradient; without it the vectors are read at ``neg[r, j]`` and the gradien
 are a batched mat-vec (no ``tl.dot``): each program holds BLOCK_R rows and streams their
 negatives in [BLOCK_R, BLOCK_N, BLOCK_D] tiles.
 
-Passes over the negatives (each reads them once):
+One loop, two modes (each reads the negatives once):
 
-* loss, or loss + ∂/∂q only: one pass; acc_r = Σ_j φ_rj v_j with contrastive rescaling.
-* with ∂/∂v (contrastive): pass 1 computes (m_r, a_r, n_r); pass 2 recomputes s, forms the final
-  g_rj = coef_r·e^{s_rj − m_r}·scale_r/τ, accumulates ∂/∂q_r = Σ_j g_rj v_j and writes
-  ∂/∂v_rj = g_rj q_r.
-* with ∂/∂v (pointwise): g_rj = h(s_rj)/n_r only needs the count n_r, so pass 1 reads only the
-  masks (skipped without masks: n_r = N) and pass 2 does everything.
+* state pass (the forward): the online row state (``_rowmath``), optionally acc_r = Σ_j φ_rj v_j
+  with contrastive rescaling (loss and query gradient in one pass); writes L_r and, with
+  SAVE_STATS, the four floats per row (shift, coef, g+, uni) that determine every gradient: O(R),
+  saved for the backward.
+* gradient pass (FROM_STATS, the backward): with the saved row stats and the backward's row scale,
+  g_rj = coef_r·φ(s_rj; shift_r)·scale_r/τ is final in every tile, so one pass accumulates
+  ∂/∂q_r = Σ_j g_rj v_j and writes ∂/∂v_rj = g_rj q_r (once, in ∂neg's dtype: the input's for the
+  per-row layout, fp32 for the atomics of the indexed layout).
+
+A forward + backward therefore reads the negatives twice.
 """
 
 from __future__ import annotations
@@ -23,21 +27,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._rowmath import finalize, init_state, load_block, pointwise_coef, positive_score, store_row_outputs, update_state
+from ._rowmath import (
+    finalize,
+    in_table,
+    init_state,
+    kept_sum,
+    load_block,
+    neg_phi,
+    positive_score,
+    score_unit,
+    store_row_outputs,
+    update_state,
+)
 
 
 @triton.jit
-def gathered_keep(n0, offs_n, rows64, rmask, N, IDX, MASK, HIT_NEG, hit_pos, stride_ir, stride_in, stride_mr,
-                  stride_mn, stride_hr, stride_hn, INDEXED: tl.constexpr, HAS_MASK: tl.constexpr,
+def gathered_keep(n0, offs_n, rows64, rmask, N, n_table, IDX, MASK, HIT_NEG, hit_pos, stride_ir, stride_in,
+                  stride_mr, stride_mn, stride_hr, stride_hn, INDEXED: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_HITS: tl.constexpr):
-    """Columns n0.. of the block's rows: (cols64, in_bounds, keep, item), item = neg_idx (INDEXED)."""
+    """Columns n0.. of the block's rows: (cols64, in_bounds, keep, item), item = neg_idx (INDEXED).
+    An index outside [0, n_table) (ignore_index, padding) is a masked negative, never dereferenced."""
     cols64 = n0 + offs_n.to(tl.int64)
     inb = rmask[:, None] & (cols64 < N)[None, :]
     item = cols64[None, :] + rows64[:, None] * 0
+    keep = inb
     if INDEXED:
         item = tl.load(IDX + rows64[:, None] * stride_ir + cols64[None, :] * stride_in, mask=inb, other=0)
         item = item.to(tl.int64)
-    keep = inb
+        keep = in_table(item, inb, n_table)
     if HAS_MASK:
         keep &= tl.load(MASK + rows64[:, None] * stride_mr + cols64[None, :] * stride_mn, mask=inb, other=1) == 0
     if HAS_HITS:
@@ -48,8 +65,9 @@ def gathered_keep(n0, offs_n, rows64, rmask, N, IDX, MASK, HIT_NEG, hit_pos, str
 
 @triton.jit
 def gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, stride_nr, stride_nn, stride_nd,
-                    stride_lr, stride_ln, inv_tau, INDEXED: tl.constexpr, HAS_LOG_Q: tl.constexpr):
-    """The kept negatives' vectors v [BR, BN, BD] (fp32) and scores s [BR, BN] (−inf = excluded)."""
+                    stride_lr, stride_ln, inv_tau, unit, INDEXED: tl.constexpr, HAS_LOG_Q: tl.constexpr):
+    """The kept negatives' vectors v [BR, BN, BD] (fp32) and scores [BR, BN] in the state's units
+    (``score_unit``; −inf = excluded)."""
     if INDEXED:
         item_off = item * stride_nr
         lq_off = item * stride_lr
@@ -58,113 +76,109 @@ def gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, 
         lq_off = rows64[:, None] * stride_lr + cols64[None, :] * stride_ln
     v = tl.load(NEG + item_off[:, :, None] + offs_d64[None, None, :] * stride_nd,
                 mask=keep[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)
-    s = tl.sum(q[:, None, :] * v, 2) * inv_tau
+    s = tl.sum(q[:, None, :] * v, 2) * (inv_tau * unit)
     if HAS_LOG_Q:
-        s -= tl.load(LOG_Q + lq_off, mask=keep, other=0.0).to(tl.float32)
+        s -= tl.load(LOG_Q + lq_off, mask=keep, other=0.0).to(tl.float32) * unit
     return v, tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
 def rows_kernel(
     Q, NEG, IDX, POS, POS_IDX, LOG_Q, POS_LOG_Q, MASK, HIT_POS, HIT_NEG, ROW_SCALE,
-    LOSS, GRAD_Q, GRAD_P, GRAD_NEG, ROW_SHIFT, ROW_COEF, ROW_GPOS,
-    R, N, d, stride_qr, stride_qd, stride_nr, stride_nn, stride_nd, stride_ir, stride_in, stride_pr, stride_pd,
-    stride_lr, stride_ln, stride_mr, stride_mn, stride_hr, stride_hn,
-    inv_tau, log_eps, lam, mu, beta, margin, neg_weight,
+    LOSS, GRAD_Q, GRAD_P, GRAD_NEG, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI,
+    R, N, d, n_table, stride_qr, stride_qd, stride_nr, stride_nn, stride_nd, stride_ir, stride_in, stride_pr,
+    stride_pd, stride_lr, stride_ln, stride_mr, stride_mn, stride_hr, stride_hn,
+    inv_tau, log2_eps, lam, mu, beta, margin, neg_weight, smooth, z_loss,
     INDEXED: tl.constexpr, KIND: tl.constexpr, HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr,
     HAS_EPS: tl.constexpr, HAS_LOG_Q: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_HITS: tl.constexpr, NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr,
-    NEED_GN: tl.constexpr, SCATTER_POS: tl.constexpr, SAVE_STATS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEED_GN: tl.constexpr, SCATTER_POS: tl.constexpr, SAVE_STATS: tl.constexpr, FROM_STATS: tl.constexpr,
+    SMOOTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Rows of one block, their N negatives each: s_rj = <q_r, v_rj>/τ − logq_rj (v_rj = neg[r, j]
-    or table[neg_idx[r, j]]). Writes L_r, ∂/∂q_r, ∂/∂p_r and, with NEED_GN, ∂/∂v_rj = g_rj q_r
-    (stored, or fp32 atomic-added into the table gradient when INDEXED; SCATTER_POS adds
-    g+_r q_r into the table row of the positive)."""
+    or table[neg_idx[r, j]]). State pass: writes L_r (∂/∂q_r, ∂/∂p_r when asked; the unscaled row
+    stats with SAVE_STATS). Gradient pass (FROM_STATS): writes ∂/∂q_r, ∂/∂p_r and, with NEED_GN,
+    ∂/∂v_rj = g_rj q_r (stored, or fp32 atomic-added into the table gradient when INDEXED;
+    SCATTER_POS adds g+_r q_r into the table row of the positive)."""
     rows64, rmask, offs_d64, dmask, q = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R, BLOCK_D)
     q = q.to(tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
+    unit = score_unit(KIND)
     if HAS_POS:
-        s_pos = positive_score(q, POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd, stride_nr,
-                               stride_nd, POS_LOG_Q, inv_tau, POS_FROM_TABLE, HAS_POS_LOG_Q)
+        s_pos = positive_score(q, POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr, stride_pd,
+                               stride_tr=stride_nr, stride_td=stride_nd, n_table=n_table, POS_LOG_Q=POS_LOG_Q,
+                               inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=HAS_POS_LOG_Q)
     else:
         s_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
     hit_pos = rows64
     if HAS_HITS:
         hit_pos = tl.load(HIT_POS + rows64, mask=rmask, other=0)
     scale = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if NEED_GQ or NEED_GP or NEED_GN or SAVE_STATS:
+    if NEED_GQ or NEED_GP or NEED_GN or FROM_STATS:
         scale = tl.load(ROW_SCALE + rows64, mask=rmask, other=0.0).to(tl.float32) * inv_tau
 
-    m, a, b = init_state(s_pos, log_eps, KIND, HAS_EPS)
+    m, a, b = init_state(s_pos, log2_eps, KIND, HAS_EPS)
     cnt = tl.zeros([BLOCK_R], dtype=tl.int32)
+    shift = s_pos
+    coef = s_pos
+    g_pos = s_pos
+    uni = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if FROM_STATS:
+        shift = tl.load(ROW_SHIFT + rows64, mask=rmask, other=0.0)
+        coef = tl.load(ROW_COEF + rows64, mask=rmask, other=0.0)
+        g_pos = tl.load(ROW_GPOS + rows64, mask=rmask, other=0.0)
+        if SMOOTH:
+            uni = tl.load(ROW_UNI + rows64, mask=rmask, other=0.0)
+    coef_s = coef * scale
+    ssum = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    if not NEED_GN:
-        for n0 in range(0, N, BLOCK_N):
-            cols64, inb, keep, item = gathered_keep(n0, offs_n, rows64, rmask, N, IDX, MASK, HIT_NEG, hit_pos,
-                                                    stride_ir, stride_in, stride_mr, stride_mn, stride_hr,
-                                                    stride_hn, INDEXED, HAS_MASK, HAS_HITS)
-            v, s = gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, stride_nr,
-                                   stride_nn, stride_nd, stride_lr, stride_ln, inv_tau, INDEXED, HAS_LOG_Q)
+    vsum = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # label smoothing: Σ_j v_j over kept j
+    for n0 in range(0, N, BLOCK_N):
+        cols64, inb, keep, item = gathered_keep(n0, offs_n, rows64, rmask, N, n_table, IDX, MASK, HIT_NEG, hit_pos,
+                                                stride_ir, stride_in, stride_mr, stride_mn, stride_hr, stride_hn,
+                                                INDEXED, HAS_MASK, HAS_HITS)
+        v, s = gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, stride_nr, stride_nn,
+                               stride_nd, stride_lr, stride_ln, inv_tau, unit, INDEXED, HAS_LOG_Q)
+        if FROM_STATS:
+            g = coef_s[:, None] * neg_phi(s, shift[:, None], margin, KIND, INTERPRET)
+            if SMOOTH:
+                g += (uni * scale)[:, None]
+            g = tl.where(keep, g, 0.0)
+            if NEED_GQ:
+                acc += tl.sum(g[:, :, None] * v, 1)
+            if NEED_GN:
+                g_item = g[:, :, None] * q[:, None, :]
+                if INDEXED:
+                    tl.atomic_add(GRAD_NEG + item[:, :, None] * d + offs_d64[None, None, :], g_item,
+                                  mask=keep[:, :, None] & dmask[None, None, :])
+                else:
+                    off = (rows64[:, None] * N + cols64[None, :]) * d
+                    tl.store(GRAD_NEG + off[:, :, None] + offs_d64[None, None, :],
+                             g_item.to(GRAD_NEG.dtype.element_ty), mask=inb[:, :, None] & dmask[None, None, :])
+        else:
             cnt += tl.sum(keep.to(tl.int32), 1)
-            m, a, b, alpha, phi = update_state(s, s_pos, m, a, b, margin, KIND)
+            m, a, b, alpha, phi = update_state(s, s_pos, m, a, b, margin, KIND, INTERPRET)
             if NEED_GQ:
                 if KIND == 0:
                     acc = acc * alpha[:, None]
                 acc += tl.sum(phi[:, :, None] * v, 1)
-        loss, shift, coef, g_pos = finalize(m, a, b, cnt, s_pos, log_eps, lam, mu, beta, neg_weight, KIND, HAS_POS,
-                                            HAS_EPS, NEG_SUM)
-    else:
-        # Pass 1: what the final g_rj needs (contrastive: m, a, n; pointwise: n only).
-        if KIND == 0 or HAS_MASK or HAS_HITS:
-            for n0 in range(0, N, BLOCK_N):
-                cols64, inb, keep, item = gathered_keep(n0, offs_n, rows64, rmask, N, IDX, MASK, HIT_NEG, hit_pos,
-                                                        stride_ir, stride_in, stride_mr, stride_mn, stride_hr,
-                                                        stride_hn, INDEXED, HAS_MASK, HAS_HITS)
-                cnt += tl.sum(keep.to(tl.int32), 1)
-                if KIND == 0:
-                    v, s = gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, stride_nr,
-                                           stride_nn, stride_nd, stride_lr, stride_ln, inv_tau, INDEXED, HAS_LOG_Q)
-                    m, a, b, alpha, phi = update_state(s, s_pos, m, a, b, margin, KIND)
-        else:
-            cnt += N
-        if KIND == 0:
-            loss, shift, coef, g_pos = finalize(m, a, b, cnt, s_pos, log_eps, lam, mu, beta, neg_weight, KIND,
-                                                HAS_POS, HAS_EPS, NEG_SUM)
-        else:
-            coef = pointwise_coef(cnt, neg_weight, KIND, NEG_SUM)
-            shift = s_pos
-        coef_s = coef * scale
-        # Pass 2: final g_rj; ∂/∂q accumulated, ∂/∂v written.
-        for n0 in range(0, N, BLOCK_N):
-            cols64, inb, keep, item = gathered_keep(n0, offs_n, rows64, rmask, N, IDX, MASK, HIT_NEG, hit_pos,
-                                                    stride_ir, stride_in, stride_mr, stride_mn, stride_hr,
-                                                    stride_hn, INDEXED, HAS_MASK, HAS_HITS)
-            v, s = gathered_scores(q, rows64, cols64, keep, item, offs_d64, dmask, NEG, LOG_Q, stride_nr,
-                                   stride_nn, stride_nd, stride_lr, stride_ln, inv_tau, INDEXED, HAS_LOG_Q)
-            if KIND == 0:
-                phi = tl.exp(s - shift[:, None])
-            else:
-                m, a, b, alpha, phi = update_state(s, s_pos, m, a, b, margin, KIND)
-            g = coef_s[:, None] * phi
-            if NEED_GQ:
-                acc += tl.sum(g[:, :, None] * v, 1)
-            g_item = g[:, :, None] * q[:, None, :]
-            if INDEXED:
-                tl.atomic_add(GRAD_NEG + item[:, :, None] * d + offs_d64[None, None, :], g_item,
-                              mask=keep[:, :, None] & dmask[None, None, :])
-            else:
-                off = (rows64[:, None] * N + cols64[None, :]) * d
-                tl.store(GRAD_NEG + off[:, :, None] + offs_d64[None, None, :], g_item,
-                         mask=inb[:, :, None] & dmask[None, None, :])
-        if KIND != 0:
-            loss, shift, coef, g_pos = finalize(m, a, b, cnt, s_pos, log_eps, lam, mu, beta, neg_weight, KIND,
-                                                HAS_POS, HAS_EPS, NEG_SUM)
+            if SMOOTH:
+                ssum += kept_sum(s, SMOOTH)
+                if NEED_GQ:
+                    vsum += tl.sum(v, 1)  # v is 0 where not kept
 
-    store_row_outputs(rows64, rmask, offs_d64, dmask, acc, loss, shift, coef, g_pos, scale, d, Q, POS, POS_IDX, NEG,
-                      stride_qr, stride_qd, stride_pr, stride_pd, stride_nr, stride_nd, LOSS, GRAD_Q, GRAD_P,
-                      ROW_SHIFT, ROW_COEF, ROW_GPOS, HAS_POS, POS_FROM_TABLE, NEED_GQ, NEED_GP, SAVE_STATS, NEED_GN)
+    loss = s_pos
+    if not FROM_STATS:
+        loss, shift, coef, g_pos, uni = finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight,
+                                                 smooth, z_loss, KIND, HAS_POS, HAS_EPS, NEG_SUM)
+    store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, uni, vsum, scale,
+                      Q=Q, stride_qr=stride_qr, stride_qd=stride_qd, POS=POS, stride_pr=stride_pr, stride_pd=stride_pd,
+                      POS_IDX=POS_IDX, TABLE=NEG, stride_tr=stride_nr, stride_td=stride_nd, n_table=n_table,
+                      LOSS=LOSS, GRAD_Q=GRAD_Q, GRAD_P=GRAD_P, ROW_SHIFT=ROW_SHIFT, ROW_COEF=ROW_COEF,
+                      ROW_GPOS=ROW_GPOS, ROW_UNI=ROW_UNI, HAS_POS=HAS_POS, POS_FROM_TABLE=POS_FROM_TABLE,
+                      NEED_GQ=NEED_GQ, NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS, ACC_SCALED=FROM_STATS,
+                      STATS_SCALED=False, SMOOTH=SMOOTH)
     if SCATTER_POS:
         prow = tl.load(POS_IDX + rows64, mask=rmask, other=0).to(tl.int64)
         tl.atomic_add(GRAD_NEG + prow[:, None] * d + offs_d64[None, :], (g_pos * scale)[:, None] * q,
-                      mask=rmask[:, None] & dmask[None, :])
+                      mask=in_table(prow, rmask, n_table)[:, None] & dmask[None, :])

@@ -10,8 +10,10 @@ compilations with 2 workers on a cold Triton cache, seconds on a warm one.
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import pytest
+import torch
 from fastrecloss.kernels import config
 
 from fastrecloss.backends import triton_aot as aot
@@ -22,7 +24,7 @@ KERNELS = {"shared_rows_kernel", "shared_items_kernel", "rows_kernel", "item_seg
 
 @pytest.fixture(scope="module")
 def results() -> list[aot.Result]:
-    return aot.run_isolated(("contrastive",), aot.ARCHS, workers=2)
+    return aot.run_isolated(("contrastive",), aot.ARCHS, workers=2, sass=True)
 
 
 def _expected_tiles() -> set[str]:
@@ -31,8 +33,11 @@ def _expected_tiles() -> set[str]:
     for d in config.AOT_D:
         for dtype in config.AOT_DTYPES:
             if d <= config.max_d("shared", dtype):
-                c = config.shared_config(d, dtype)
-                tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+                for smooth, pairs, arch in itertools.product((False, True), (False, True), aot.ARCHS):
+                    if dtype != torch.bfloat16 and smooth:
+                        continue
+                    for c in config.shared_configs(d, dtype, smooth, pairs, arch):
+                        tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
         for n in config.AOT_N:
             c = config.gathered_config(d, n)
             tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
@@ -48,7 +53,9 @@ def _expected_tiles() -> set[str]:
 
 def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[aot.Result]) -> None:
     assert {r.kernel for r in results} == KERNELS
-    by_arch = {arch: {(r.kernel, r.variant) for r in results if r.arch == arch} for arch in ("sm_80", "sm_90")}
+    # the same problems and kernels for both archs (tiles may differ per arch: strip them)
+    by_arch = {arch: {(r.kernel, r.variant.rsplit(" ", 2)[0]) for r in results if r.arch == arch}
+               for arch in ("sm_80", "sm_90")}
     assert by_arch["sm_80"] == by_arch["sm_90"] and by_arch["sm_80"]
     compiled_tiles = {r.variant.rsplit(" ", 2)[-2] + " " + r.variant.rsplit(" ", 1)[-1] for r in results}
     assert compiled_tiles == _expected_tiles()
@@ -71,7 +78,7 @@ def test_kernels_cli_prints_the_table(results: list[aot.Result], monkeypatch: py
                                       capsys: pytest.CaptureFixture[str]) -> None:
     calls = []
 
-    def fake_run_isolated(kinds, archs, workers, progress=False):
+    def fake_run_isolated(kinds, archs, workers, progress=False, sass=False):
         calls.append((kinds, archs, workers))
         return results
 
@@ -88,6 +95,45 @@ def test_kernels_cli_prints_the_table(results: list[aot.Result], monkeypatch: py
     monkeypatch.setattr(aot, "run_isolated", lambda *a, **k: spilled)
     assert kernels_cli.run(parser.parse_args(["--archs", "80"])) == 1
     assert "SPILL 8 B" in capsys.readouterr().out
+
+
+# FP32-class instructions per score of the steady-state loop of shared_rows_kernel, bf16, d = 64,
+# sm_90, every option on (the AOT case), before the epilogue diet of issue #12 (docs/roofline.md).
+FP32_PER_SCORE_BEFORE = 18.75
+
+
+def test_sass_report_shows_warp_group_mma_and_the_epilogue_diet(results: list[aot.Result]) -> None:
+    shared90 = [r for r in results if r.arch == "sm_90" and r.variant.startswith("shared contrastive bf16")]
+    assert {r.kernel for r in shared90} == {"shared_rows_kernel", "shared_items_kernel"}
+    for r in shared90:  # both passes, every d, wherever the tile's M dimension is 64 (all but d = 256 with
+        m = int(r.variant.split(" R")[-1].split("x")[0]) if r.kernel == "shared_rows_kernel" else \
+            int(r.variant.split("xN")[-1].split("x")[0])  # pair masks, which falls back to 32 rows)
+        assert (m >= 64) == r.sass["hgmma_in_loop"], (r.kernel, r.variant)
+        assert m >= 64 or (" d=256 " in r.variant and r.kernel == "shared_rows_kernel"), r.variant
+    rows64 = next(r for r in shared90 if r.kernel == "shared_rows_kernel" and " d=64 " in r.variant)
+    assert rows64.sass["fp32_per_score"] <= 0.7 * FP32_PER_SCORE_BEFORE, rows64.sass
+    assert rows64.sass["sfu_per_score"] <= 1.1  # one exp2 per score (the per-row rescale on top)
+    assert all(r.sass["loop_instructions"] > 0 and r.sass["cycles_per_1k"] > 0 for r in results)
+
+
+def test_sass_parser_finds_the_widest_loop_and_classes() -> None:
+    from fastrecloss.backends import triton_sass as ts
+
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0020*/                   FFMA R2, R3, R4, R5 ;
+        /*0030*/                   MUFU.EX2 R6, R2 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   LDG.E R7, [R8.64] ;
+        /*0060*/              @!P1 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+    """
+    code = ts.parse(text)
+    loop = ts.steady_loop(code)
+    assert [i.addr for i in loop] == [0x10, 0x20, 0x30, 0x40, 0x50, 0x60]
+    assert [ts.op_class(i.op) for i in loop] == ["mma", "fp32", "sfu", "other", "mem", "other"]
+    assert ts.mma_macs(loop[0]) == (64 * 64 * 16 // 4, False)
 
 
 def test_launch_signature_matches_the_runtime_specialisation() -> None:

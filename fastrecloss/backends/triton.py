@@ -35,15 +35,17 @@ def interpreting() -> bool:
     return type(_kernels().shared_rows_kernel).__name__ == "InterpretedFunction"
 
 
-def _check_device(p: Problem) -> None:
-    check_tensor_device(p.query)
+def _check_device(p: Problem) -> bool:
+    """Raises unless the kernels can run on these tensors; returns whether they run interpreted."""
+    return check_tensor_device(p.query)
 
 
-def check_tensor_device(t: Tensor) -> None:
-    """CUDA tensors, or CPU tensors under the interpreter; a clear RuntimeError otherwise."""
+def check_tensor_device(t: Tensor) -> bool:
+    """CUDA tensors, or CPU tensors under the interpreter (then True: they run interpreted); a clear
+    RuntimeError otherwise."""
     dev = t.device
     if dev.type == "cuda" or (dev.type == "cpu" and interpreting()):
-        return
+        return dev.type == "cpu"
     if dev.type == "cpu":
         raise RuntimeError("backend='triton' got CPU tensors: the Triton kernels need CUDA tensors, or the Triton "
                            "interpreter (set TRITON_INTERPRET=1 before importing fastrecloss). Use backend='torch' "
@@ -65,10 +67,38 @@ def forward_backward(
     table-shaped buffer. ``deterministic`` only changes the indexed layout's item gradient (an
     item-segment pass instead of atomics); every other path is deterministic already.
     """
-    _check_device(p)
-    plan = _kernels().plan(p, spec, row_scale, needs, deterministic, emulate_dot=interpreting())
+    return _run(p, _kernels().plan(p, spec, row_scale, needs, deterministic, emulate_dot=_check_device(p),
+                                   arch=_arch(p))).outputs()
+
+
+def _arch(p: Problem) -> int:
+    """The compute capability ×10 of the tensors' GPU (90 in the interpreter: arch-free)."""
+    if p.query.device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(p.query.device)
+    return 10 * major + minor
+
+
+def forward_state(p: Problem, spec: LossSpec, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    """Row losses [R] and the [4, R] fp32 row stats (shift, coef, g+, label smoothing's uni) that
+    determine every gradient, from one pass over the negatives (per-row and indexed layouts)."""
+    plan = _run(p, _kernels().plan(p, spec, None, (False, False, False), deterministic,
+                                   emulate_dot=_check_device(p), save_state=True))
+    return plan.loss, plan.state
+
+
+def backward_from_state(p: Problem, spec: LossSpec, state: Tensor, row_scale: Tensor, needs: tuple[bool, bool, bool],
+                        deterministic: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Σ_r row_scale_r·L_r from the stats :func:`forward_state` saved: one gradient pass
+    over the negatives. The per-row layout's ∂neg comes in the input dtype, the others in fp32."""
+    plan = _run(p, _kernels().plan(p, spec, row_scale, needs, deterministic, emulate_dot=_check_device(p),
+                                   state=state))
+    return plan.grad_q, plan.grad_p, plan.grad_neg
+
+
+def _run(p: Problem, plan):
     dev = p.query.device
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for step in plan.launches:
             step.run()
-    return plan.outputs()
+    return plan

@@ -20,6 +20,7 @@ variable removed, which is what the CLI and the tests call.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -50,6 +51,7 @@ class Result:
     stack: int
     local: int
     shared: int
+    sass: dict | None = None  # steady-state loop cost (``triton_sass.loop_cost``), with ``--sass``
 
     @property
     def spills(self) -> bool:
@@ -81,6 +83,7 @@ def _meta_problem(layout: str, d: int, n: int, dtype: torch.dtype):
 
 def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any, bool]]:
     """(label, problem, spec, deterministic) for every configuration of :mod:`kernels.config`."""
+    from .._problem import Problem
     from .._spec import Kind, LossSpec
     from ..kernels.config import AOT_D, AOT_DTYPES, AOT_N, max_d
 
@@ -97,6 +100,24 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
                 for det in (False, True):
                     label = f"indexed {kind} bf16{' det' if det else ''}"
                     out.append((label, _meta_problem("indexed", d, n, torch.bfloat16), spec, det))
+        if kind == "contrastive":  # in-batch (hits only), and label smoothing + z-loss (SMOOTH)
+            for d in AOT_D:
+                ids = torch.empty(256, dtype=torch.int64, device="meta")
+                q = torch.empty(256, d, dtype=torch.bfloat16, device="meta")
+                in_batch = Problem("shared", q, torch.empty_like(q), pos_idx=ids, hit_pos_ids=ids, hit_neg_ids=ids,
+                                   log_q=torch.empty(256, device="meta"), temperature=0.5)
+                out.append((f"shared {kind}-inbatch bf16", in_batch, spec, False))
+                catalogue = Problem("shared", q, torch.empty(4096, d, dtype=torch.bfloat16, device="meta"), pos_idx=ids)
+                out.append((f"shared {kind}-catalogue bf16", catalogue, LossSpec(Kind.CONTRASTIVE), False))
+            smooth = LossSpec(Kind.CONTRASTIVE, eps=1.0, label_smoothing=0.1, z_loss=1e-4)
+            for d in AOT_D:
+                out.append((f"shared {kind}-ls bf16", _meta_problem("shared", d, 1024, torch.bfloat16), smooth, False))
+                plain = _meta_problem("shared", d, 1024, torch.bfloat16)  # catalogue: no per-pair mask
+                plain = dataclasses.replace(plain, neg_mask=None, hit_pos_ids=None, hit_neg_ids=None)
+                out.append((f"shared {kind}-ls-nomask bf16", plain, smooth, False))
+            for det in (False, True):
+                out.append((f"indexed {kind}-ls bf16{' det' if det else ''}",
+                            _meta_problem("indexed", 128, 1024, torch.bfloat16), smooth, det))
     return out
 
 
@@ -135,8 +156,8 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {key: int(val) for key, val in re.findall(r"(REG|STACK|LOCAL):(\d+)", line)}
 
 
-def _launches(kinds: tuple[str, ...], case: int) -> tuple[str, list]:
-    """The launches the runtime would make for case number ``case`` of :func:`cases`."""
+def _launches(kinds: tuple[str, ...], case: int, cap: int = 90) -> tuple[str, list]:
+    """The launches the runtime would make on an sm_``cap`` GPU for case number ``case`` of :func:`cases`."""
     from . import triton_plan as launch_mod
 
     base = cases(kinds)
@@ -144,7 +165,7 @@ def _launches(kinds: tuple[str, ...], case: int) -> tuple[str, list]:
         return _extra_cases()[case - len(base)]
     label, problem, spec, det = base[case]
     plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
-                           emulate_dot=False)
+                           emulate_dot=False, arch=cap)
     return f"{label} d={problem.d} N={problem.N}", plan.launches
 
 
@@ -155,8 +176,16 @@ def _extra_cases() -> list[tuple[str, list]]:
     return aot_cases()
 
 
-def compile_launch(launch: Any, cap: int, variant: str = "") -> Result:
-    """Compile one planned launch for sm_``cap`` and read its resource usage from the cubin."""
+def scores_per_iteration(launch: Any) -> int:
+    """Score elements one iteration of the kernel's steady-state loop covers (one tile, or one
+    reference per lane of the segment pass)."""
+    cfg = launch.config
+    return cfg.block_r if launch.name == "item_segment_kernel" else cfg.block_r * cfg.block_n
+
+
+def compile_launch(launch: Any, cap: int, variant: str = "", sass: bool = False) -> Result:
+    """Compile one planned launch for sm_``cap`` and read its resource usage (and, with ``sass``,
+    the static cost of its loop) from the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -167,18 +196,24 @@ def compile_launch(launch: Any, cap: int, variant: str = "") -> Result:
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
     res = _resources(compiled.asm["cubin"])
     variant = f"{variant} R{cfg.block_r}xN{cfg.block_n}xD{cfg.block_d} w{cfg.num_warps}".strip()
+    cost = None
+    if sass:
+        from .triton_sass import loop_cost
+
+        cost = loop_cost(compiled.asm["cubin"], cap, cfg.num_warps, scores_per_iteration(launch))
     return Result(launch.name, variant, f"sm_{cap}", res["REG"], res["STACK"], res["LOCAL"],
-                  int(compiled.metadata.shared))
+                  int(compiled.metadata.shared), cost)
 
 
-def _compile(job: tuple[tuple[str, ...], int, int, int]) -> Result:
+def _compile(job: tuple[tuple[str, ...], int, int, int, bool]) -> Result:
     """Compile launch ``index`` of case ``case`` for sm_``cap`` (a picklable job for worker processes)."""
-    kinds, case, index, cap = job
-    label, launches = _launches(kinds, case)
-    return compile_launch(launches[index], cap, label)
+    kinds, case, index, cap, sass = job
+    label, launches = _launches(kinds, case, cap)
+    return compile_launch(launches[index], cap, label, sass)
 
 
-def jobs(kinds: tuple[str, ...], archs: tuple[int, ...]) -> list[tuple[tuple[str, ...], int, int, int]]:
+def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
+         sass: bool = False) -> list[tuple[tuple[str, ...], int, int, int, bool]]:
     """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile."""
     from . import triton_plan as launch_mod
 
@@ -186,18 +221,19 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...]) -> list[tuple[tuple[str
         raise RuntimeError("AOT compilation needs the kernels decorated without TRITON_INTERPRET; use run_isolated()")
     seen, out = set(), []
     for case in range(len(cases(kinds)) + len(_extra_cases())):
-        for index, step in enumerate(_launches(kinds, case)[1]):
-            key = (step.name, repr(_signature(step)), step.config)
-            if key not in seen:
-                seen.add(key)
-                out.extend((kinds, case, index, cap) for cap in archs)
+        for cap in archs:
+            for index, step in enumerate(_launches(kinds, case, cap)[1]):
+                key = (step.name, repr(_signature(step)), step.config, cap)
+                if key not in seen:
+                    seen.add(key)
+                    out.append((kinds, case, index, cap, sass))
     return out
 
 
 def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS,
-                workers: int = 1) -> Iterator[Result]:
+                workers: int = 1, sass: bool = False) -> Iterator[Result]:
     """Compile every job of :func:`jobs`, yielding results in job order as they complete."""
-    todo = jobs(kinds, archs)
+    todo = jobs(kinds, archs, sass)
     if workers <= 1:
         yield from map(_compile, todo)
         return
@@ -206,11 +242,11 @@ def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...
 
 
 def run_isolated(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS, workers: int = 1,
-                 progress: bool = False) -> list[Result]:
+                 progress: bool = False, sass: bool = False) -> list[Result]:
     """:func:`compile_all` in a fresh Python without TRITON_INTERPRET (streamed back as JSON lines)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fastrecloss.backends.triton_aot", "--jsonl", "--workers", str(workers),
-           "--kinds", *kinds, "--archs", *map(str, archs)]
+           "--kinds", *kinds, "--archs", *map(str, archs), *(["--sass"] if sass else [])]
     results: list[Result] = []
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
                                                                text=True) as proc:
@@ -247,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCHS))
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--jsonl", action="store_true", help="print the job count, then one JSON line per result")
+    parser.add_argument("--sass", action="store_true", help="also count the steady-state loop's instructions")
     args = parser.parse_args(argv)
     kinds, archs = tuple(args.kinds), tuple(args.archs)
     if not args.jsonl:
-        print(format_table(list(compile_all(kinds, archs, args.workers))))
+        print(format_table(list(compile_all(kinds, archs, args.workers, args.sass))))
         return 0
-    print(json.dumps({"total": len(jobs(kinds, archs))}), flush=True)
-    for result in compile_all(kinds, archs, args.workers):
+    print(json.dumps({"total": len(jobs(kinds, archs, args.sass))}), flush=True)
+    for result in compile_all(kinds, archs, args.workers, args.sass):
         print(json.dumps(asdict(result)), flush=True)
     return 0
 

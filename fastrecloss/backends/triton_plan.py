@@ -4,8 +4,15 @@
 synchronisation), so the same code feeds the runtime launcher (``fastrecloss.backends.triton``)
 and the ahead-of-time compiler (``fastrecloss/backends/triton_aot.py``, which plans on meta tensors). It allocates
 only the outputs ([R] losses, [R, d] query/positive gradients, the item gradient in the shape of
-``neg``), three fp32 [R] row statistics when an item pass needs them, and, in deterministic
-indexed mode, the int64 sort of the item references (``kernels/indexed.py``).
+``neg``), the fp32 [4, R] row statistics when a later pass needs them (plus one float, the
+largest row coefficient, for the shared item pass), and, in deterministic indexed mode, the int64
+sort of the item references (``kernels/indexed.py``).
+
+Passes over the negatives. Shared layout: the rows pass, plus the items pass for ∂/∂neg. Gathered
+layouts (per-row, indexed): the forward is one state pass that can save the row statistics
+(``save_state``, O(R) floats); the backward given them (``state``) is one gradient pass that
+writes ∂/∂q, ∂/∂p and ∂/∂neg — two reads of the negatives per forward+backward. A plan with a row
+scale and no saved state (the fused scalar op, direct calls) does both passes itself.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import Tensor
 
 from .._problem import Problem
 from .._spec import Kind, LossSpec, acc_dtype
-from ..kernels.config import TileConfig, gathered_config, segment_config, shared_config
+from ..kernels.config import TileConfig, gathered_config, segment_config, shared_configs
 from ..kernels.indexed import item_segment_kernel
 from ..kernels.per_row import rows_kernel
 from ..kernels.shared import shared_items_kernel, shared_rows_kernel
@@ -55,6 +62,7 @@ class Plan:
     grad_q: Tensor | None = None
     grad_p: Tensor | None = None
     grad_neg: Tensor | None = None
+    state: Tensor | None = None  # [4, R] fp32 row stats (shift, coef, g+, uni) saved by a gathered forward
 
     def outputs(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         return self.loss, self.grad_q, self.grad_p, self.grad_neg
@@ -79,7 +87,8 @@ def _loss_args(p: Problem, spec: LossSpec) -> dict[str, Any]:
     kind = int(spec.kind)
     has_eps = kind == Kind.CONTRASTIVE and p.has_pos and spec.eps > 0
     return dict(
-        inv_tau=1.0 / p.temperature, log_eps=math.log(spec.eps) if has_eps else 0.0, lam=float(spec.lam),
+        inv_tau=1.0 / p.temperature, log2_eps=math.log2(spec.eps) if has_eps else 0.0, lam=float(spec.lam),
+        smooth=float(spec.label_smoothing), z_loss=float(spec.z_loss), SMOOTH=spec.label_smoothing > 0,
         mu=float(spec.mu), beta=float(spec.beta), margin=float(spec.margin), neg_weight=float(spec.neg_weight),
         KIND=kind, HAS_POS=p.has_pos, POS_FROM_TABLE=p.pos_idx is not None, HAS_EPS=has_eps,
         HAS_LOG_Q=p.log_q is not None, HAS_POS_LOG_Q=p.pos_log_q is not None, HAS_HITS=p.hit_pos_ids is not None,
@@ -88,36 +97,57 @@ def _loss_args(p: Problem, spec: LossSpec) -> dict[str, Any]:
 
 
 def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool, bool, bool],
-         deterministic: bool, emulate_dot: bool) -> Plan:
-    """Allocate the outputs of ``forward_backward`` and list the launches that fill them."""
+         deterministic: bool, emulate_dot: bool, state: Tensor | None = None, save_state: bool = False,
+         arch: int = 90) -> Plan:
+    """Allocate the outputs of ``forward_backward`` and list the launches that fill them.
+
+    Gathered layouts only: ``save_state`` makes a forward (no ``row_scale``) also return the [4, R]
+    row stats in ``Plan.state``; ``state`` (with ``row_scale``) plans the backward's gradient pass
+    alone, which computes no loss. ``emulate_dot``: the kernels run in the interpreter. ``arch``: the
+    GPU's compute capability (×10), for the per-arch tiles of ``kernels/config.py``."""
     acc = acc_dtype(p.query.dtype)
     R, d, dev = p.R, p.d, p.query.device
     need_q, need_p, need_n = needs if row_scale is not None else (False, False, False)
     need_p = need_p and p.pos is not None
-    out = Plan(loss=torch.empty(R, dtype=acc, device=dev))
+    gathered = p.layout != "shared"
+    if not gathered and (state is not None or save_state):
+        raise ValueError("saved row stats are for the per-row and indexed layouts")
+    out = Plan(loss=torch.empty(R, dtype=acc, device=dev) if state is None else None)
     out.grad_q = torch.empty(R, d, dtype=acc, device=dev) if need_q else None
     out.grad_p = torch.empty(R, d, dtype=acc, device=dev) if need_p else None
     if need_n:  # the shared item pass and the per-row pass write every element; the indexed ones add
         alloc = torch.zeros if (p.layout == "indexed" or R == 0) else torch.empty
-        out.grad_neg = alloc(tuple(p.neg.shape), dtype=acc, device=dev)
+        # a gradient pass from saved stats is final (its row scale is the upstream gradient): the
+        # per-row ∂neg is written once, in the input dtype
+        dtype = p.neg.dtype if (state is not None and p.layout == "per_row") else acc
+        out.grad_neg = alloc(tuple(p.neg.shape), dtype=dtype, device=dev)
+    two_pass = gathered and state is None and need_n  # a state pass, then the gradient pass
+    if save_state or two_pass or (not gathered and need_n):
+        out.state = torch.empty(4, R, dtype=torch.float32, device=dev)
     if R == 0:
         return out
-    stats = need_n and not (p.layout == "per_row" or (p.layout == "indexed" and not deterministic))
-    row_stats = [torch.empty(R, dtype=torch.float32, device=dev) for _ in range(3)] if stats else [None] * 3
+    stats = state if state is not None else out.state
+    row_stats = list(stats) if stats is not None else [None] * 4
     side = {name: _flat(getattr(p, name.lower())) for name in ("POS_IDX", "LOG_Q", "POS_LOG_Q", "NEG_MASK")}
     hit_pos, hit_neg = _flat(p.hit_pos_ids), _flat(p.hit_neg_ids)
     common = dict(
         Q=p.query, NEG=p.neg, POS=p.pos, POS_IDX=side["POS_IDX"], LOG_Q=side["LOG_Q"], POS_LOG_Q=side["POS_LOG_Q"],
         MASK=side["NEG_MASK"], HIT_POS=hit_pos, HIT_NEG=hit_neg, ROW_SCALE=_flat(row_scale), LOSS=out.loss,
         GRAD_Q=out.grad_q, GRAD_P=out.grad_p, GRAD_NEG=out.grad_neg, ROW_SHIFT=row_stats[0],
-        ROW_COEF=row_stats[1], ROW_GPOS=row_stats[2], R=R, N=p.N, d=d,
+        ROW_COEF=row_stats[1], ROW_GPOS=row_stats[2], ROW_UNI=row_stats[3], R=R, N=p.N, d=d,
         stride_qr=p.query.stride(0), stride_qd=p.query.stride(1), stride_pr=_strides(p.pos)[0],
-        stride_pd=_strides(p.pos)[1], NEED_GQ=need_q, NEED_GP=need_p, SAVE_STATS=stats, **_loss_args(p, spec),
+        stride_pd=_strides(p.pos)[1], NEED_GQ=need_q, NEED_GP=need_p, INTERPRET=emulate_dot, **_loss_args(p, spec),
     )
     if p.layout == "shared":
-        _plan_shared(out, p, common, emulate_dot)
+        _plan_shared(out, p, dict(common, SAVE_STATS=need_n), arch)
+    elif state is not None:
+        _plan_gathered(out, p, common, deterministic, "gradient")
+    elif two_pass:
+        _plan_gathered(out, p, dict(common, GRAD_Q=None, GRAD_P=None, NEED_GQ=False, NEED_GP=False), deterministic,
+                       "state")
+        _plan_gathered(out, p, dict(common, LOSS=None), deterministic, "gradient")
     else:
-        _plan_gathered(out, p, common, deterministic)
+        _plan_gathered(out, p, common, deterministic, "state")
     return out
 
 
@@ -129,25 +159,48 @@ def _bind(kernel: Any, args: dict[str, Any]) -> dict[str, Any]:
     return {name: args[name] for name in kernel.arg_names}
 
 
-def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], emulate_dot: bool) -> None:
-    cfg = shared_config(p.d, p.query.dtype)
+def hit_codes(pos_ids: Tensor, neg_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """int32 codes of the shared layout's accidental-hit ids: code_pos[r] == code_neg[j] exactly when
+    pos_ids[r] == neg_ids[j] (the rank of the id among the sorted negative ids; −1 for a positive id
+    no negative has). The kernels then compare 32-bit codes per score instead of 64-bit ids (half
+    the registers and integer instructions of the per-(row, item) test). O(R + N) torch ops, no
+    host synchronisation."""
+    sorted_neg = torch.sort(neg_ids.to(torch.int64)).values
+    code_neg = torch.searchsorted(sorted_neg, neg_ids.to(torch.int64)).to(torch.int32)
+    pos = pos_ids.to(torch.int64)
+    code_pos = torch.searchsorted(sorted_neg, pos).clamp(max=max(neg_ids.numel() - 1, 0))
+    present = sorted_neg[code_pos] == pos
+    return torch.where(present, code_pos, -1).to(torch.int32), code_neg
+
+
+def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int) -> None:
+    pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
+    rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs, arch=arch)
+    if common["HIT_POS"] is not None and p.N > 0:
+        common = dict(common, **dict(zip(("HIT_POS", "HIT_NEG"), hit_codes(common["HIT_POS"], common["HIT_NEG"]))))
     mask = common["MASK"]
     mask_mode = 0 if mask is None else mask.dim()
     stride_mr, stride_mn = (0, mask.stride(0)) if mask_mode == 1 else _strides(mask)
-    args = dict(common, stride_nn=p.neg.stride(0), stride_nd=p.neg.stride(1), stride_mr=stride_mr,
-                stride_mn=stride_mn, MASK_MODE=mask_mode, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n,
-                BLOCK_D=cfg.block_d, DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), EMULATE_DOT=emulate_dot)
-    out.launches.append(Launch(shared_rows_kernel, (triton.cdiv(p.R, cfg.block_r),),
-                               _bind(shared_rows_kernel, args), cfg))
+    coef_max = torch.zeros(1, dtype=torch.float32, device=p.query.device) if out.grad_neg is not None else None
+    args = dict(common, COEF_MAX=coef_max, stride_nn=p.neg.stride(0), stride_nd=p.neg.stride(1),
+                stride_mr=stride_mr, stride_mn=stride_mn, MASK_MODE=mask_mode, BLOCK_D=rows_cfg.block_d,
+                DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32))
+    rows = dict(args, BLOCK_R=rows_cfg.block_r, BLOCK_N=rows_cfg.block_n)
+    out.launches.append(Launch(shared_rows_kernel, (triton.cdiv(p.R, rows_cfg.block_r),),
+                               _bind(shared_rows_kernel, rows), rows_cfg))
     if out.grad_neg is not None and p.N > 0:
-        out.launches.append(Launch(shared_items_kernel, (triton.cdiv(p.N, cfg.block_n),),
-                                   _bind(shared_items_kernel, args), cfg))
+        items = dict(args, BLOCK_R=items_cfg.block_r, BLOCK_N=items_cfg.block_n)
+        out.launches.append(Launch(shared_items_kernel, (triton.cdiv(p.N, items_cfg.block_n),),
+                                   _bind(shared_items_kernel, items), items_cfg))
 
 
-def _plan_gathered(out: Plan, p: Problem, common: dict[str, Any], deterministic: bool) -> None:
+def _plan_gathered(out: Plan, p: Problem, common: dict[str, Any], deterministic: bool, mode: str) -> None:
+    """One row pass: ``mode`` "state" (loss, row stats) or "gradient" (from the stats in ``common``),
+    and the deterministic item-segment pass after a gradient pass that needs ∂/∂neg."""
     indexed = p.layout == "indexed"
     cfg = gathered_config(p.d, p.N, p.layout, p.query.dtype)
-    need_n = out.grad_neg is not None
+    gradient = mode == "gradient"
+    need_n = gradient and out.grad_neg is not None
     in_kernel = need_n and not (indexed and deterministic)  # the row pass writes / atomically adds ∂/∂v
     log_q = common["LOG_Q"]
     if indexed:
@@ -159,13 +212,16 @@ def _plan_gathered(out: Plan, p: Problem, common: dict[str, Any], deterministic:
                       stride_lr=_strides(log_q)[0], stride_ln=_strides(log_q)[1])
         stride_ir = stride_in = 0
     (stride_mr, stride_mn), (stride_hr, stride_hn) = _strides(common["MASK"]), _strides(common["HIT_NEG"])
-    args = dict(common, **layout, IDX=p.neg_idx, stride_ir=stride_ir, stride_in=stride_in, stride_mr=stride_mr,
-                stride_mn=stride_mn, stride_hr=stride_hr, stride_hn=stride_hn, INDEXED=indexed,
-                HAS_MASK=p.neg_mask is not None, NEED_GN=in_kernel,
+    args = dict(common, **layout, IDX=p.neg_idx, n_table=p.neg.shape[0], stride_ir=stride_ir, stride_in=stride_in,
+                stride_mr=stride_mr, stride_mn=stride_mn, stride_hr=stride_hr, stride_hn=stride_hn, INDEXED=indexed,
+                HAS_MASK=p.neg_mask is not None, NEED_GN=in_kernel, FROM_STATS=gradient,
+                SAVE_STATS=not gradient and common["ROW_SHIFT"] is not None,
                 SCATTER_POS=in_kernel and indexed and p.pos_idx is not None,
                 BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
     if not in_kernel:
         args["GRAD_NEG"] = None
+    if gradient:
+        args["LOSS"] = None
     out.launches.append(Launch(rows_kernel, (triton.cdiv(p.R, cfg.block_r),), _bind(rows_kernel, args), cfg))
     if need_n and not in_kernel:
         _plan_segments(out, p, dict(args, GRAD_NEG=out.grad_neg))

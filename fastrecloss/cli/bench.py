@@ -1,4 +1,5 @@
-"""``fastrecloss bench``: the command line of the benchmark suites in :mod:`fastrecloss.benchmark.suites`."""
+"""``fastrecloss bench``: the command line of the benchmark suites in :mod:`fastrecloss.benchmark.suites`
+and of the GPU suite (``--suite gpu``, :mod:`fastrecloss.benchmark.gpu`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,13 @@ from ..benchmark.suites import GROUPS, SUITES, plot_scaling
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=[*SUITES, *GROUPS], default="acceptance")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--suite", choices=[*SUITES, *GROUPS, "gpu"], default="acceptance")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default bench/results; docs/benchmarks/gpu for --suite gpu)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="gpu suite: list the cases, import everything, plan the launches; launch nothing")
+    parser.add_argument("--wheels", type=Path, default=None,
+                        help="gpu suite: folder of peer wheels to install offline when missing (default wheels/)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="4x smaller sizes (full), N up to 10^5 (scaling)")
@@ -27,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "gpu":
+        from ..benchmark import gpu
+
+        return gpu.run(args)
+    if args.out is None:
+        args.out = Path("bench/results")
     args.out.mkdir(parents=True, exist_ok=True)
     suites = GROUPS.get(args.suite, [args.suite])
     start = time.perf_counter()
