@@ -256,15 +256,6 @@ def test_label_smoothing_gradcheck(reduction: str, gen: torch.Generator) -> None
     assert torch.autograd.gradcheck(call, (q, table), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_triton_refuses_label_smoothing_clearly(gen: torch.Generator) -> None:
-    pytest.importorskip("triton")
-    q, table = (t.detach().float() for t in _leaves(gen, (R, D), (I, D)))
-    target = torch.randint(0, I, (R,), generator=gen)
-    for kw in ({"label_smoothing": 0.1}, {"z_loss": 1e-4}):
-        with pytest.raises(NotImplementedError, match="label_smoothing and z_loss"):
-            F.softmax_ce(q, table, target, backend="triton", **kw)
-
-
 def test_label_smoothing_is_for_contrastive_kinds_only() -> None:
     with pytest.raises(ValueError, match="label_smoothing"):
         LossSpec(fastrecloss.Kind.BCE, label_smoothing=0.1)
