@@ -168,7 +168,10 @@ def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: 
         pos_log_q = log_q[safe]
     if pos_log_q is not None:
         s_pos = s_pos - pos_log_q
-    lse_pos = torch.logsumexp(s_pos.masked_fill(~valid, -math.inf), dim=1)
+    counted = valid.any(1)  # a row without a positive is ignored; one without negatives has loss 0 (SPEC §2)
+    # rows without a positive get finite scores so that no NaN enters the backward (anomaly mode stays clean)
+    s_pos = torch.where(counted.unsqueeze(1), s_pos.masked_fill(~valid, -math.inf), 0.0)
+    lse_pos = torch.logsumexp(s_pos, dim=1)
     mask = common.pop("neg_mask", None)
     if fn != "softmax_ce":  # every positive leaves the negatives
         if neg_idx is not None:
@@ -188,7 +191,6 @@ def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: 
     lse_neg = torch.where(has_neg, lse_neg, -math.inf)
     denom = lse_neg if spec.eps == 0 else torch.logaddexp(lse_neg, lse_pos + math.log(spec.eps))
     rows = -lse_pos + spec.lam * (denom - spec.mu * torch.log(n.clamp_min(1).to(acc)))
-    counted = valid.any(1)  # a row without a positive is ignored; one without negatives has loss 0 (SPEC §2)
     rows = torch.where(counted & has_neg, rows, 0.0)
     w = counted.to(acc) if weight is None else weight * counted.to(weight.dtype)
     return _ops.reduce_rows(rows, w, reduction)

@@ -242,3 +242,16 @@ def test_one_positive_in_a_column_is_the_single_positive_loss(gen):
         torch.testing.assert_close(multi, single, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="contrastive"):
         F.bpr(x["query"], None, x["table"], pos_idx=x["pos_idx"].unsqueeze(1), neg_idx=x["neg_idx"])
+
+
+def test_several_positives_backward_is_nan_free_under_anomaly_mode() -> None:
+    """A row whose positives are all padding must not send NaN into the backward: RecBole turns
+    anomaly detection on globally when it is imported (recbole/model/sequential_recommender/sine.py)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 8, generator=gen, requires_grad=True)
+    table = torch.randn(10, 8, generator=gen, requires_grad=True)
+    pos_idx = torch.tensor([[1, 2], [3, -100], [-100, -100], [5, 6]])
+    with torch.autograd.detect_anomaly(check_nan=True):
+        loss = F.infonce(q, None, table, pos_idx=pos_idx, backend="torch")
+        loss.backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(table.grad).all()
