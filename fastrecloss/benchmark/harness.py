@@ -135,6 +135,16 @@ def _rss_now_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def timed_peak(fn: Callable[[], object]) -> tuple[float, float]:
+    """Seconds one call of ``fn`` takes, and the peak resident memory above the start of the call in
+    MiB (NaN where the kernel cannot reset the high-water mark)."""
+    base = _rss_now_kib() if _reset_peak() else None
+    t0 = time.perf_counter()
+    fn()
+    secs = time.perf_counter() - t0
+    return secs, (_rss_peak_kib() - base) / 1024 if base is not None else float("nan")
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:

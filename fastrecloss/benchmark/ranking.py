@@ -23,12 +23,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from .harness import _reset_peak, _rss_now_kib, _rss_peak_kib
+from .harness import timed_peak
 
 METHODS = ("rank-torch", "topk-torch", "materialise-ours", "materialise-recbole")
 
@@ -69,11 +68,7 @@ def run_method(method: str, x: dict[str, torch.Tensor], chunk: int, k: int = 20)
 
 def measure(method: str, R: int, n_items: int, d: int, history: int, chunk: int) -> dict:
     x = make_inputs(R, n_items, d, history)
-    base = _rss_now_kib() if _reset_peak() else None
-    t0 = time.perf_counter()
-    run_method(method, x, chunk)
-    secs = time.perf_counter() - t0
-    peak = (_rss_peak_kib() - base) / 1024 if base is not None else float("nan")
+    secs, peak = timed_peak(lambda: run_method(method, x, chunk))
     return {"method": method, "R": R, "I": n_items, "d": d, "history": history,
             "chunk": chunk if method.startswith("materialise") else None, "seconds": round(secs, 2),
             "peak_extra_mib": round(peak, 1), "threads": torch.get_num_threads()}

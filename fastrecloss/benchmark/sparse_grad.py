@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from .harness import _reset_peak, _rss_now_kib, _rss_peak_kib
+from .harness import timed_peak
 from .ranking import collect
 
 METHODS = ("dense", "sparse")
@@ -44,12 +43,8 @@ def measure(method: str, R: int, n_items: int, d: int, n_neg: int, steps: int, t
         opt_q.step()
 
     step()  # warm-up: the optimizer state is allocated here
-    base = _rss_now_kib() if _reset_peak() else None
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    secs = (time.perf_counter() - t0) / steps
-    peak = (_rss_peak_kib() - base) / 1024 if base is not None else float("nan")
+    secs, peak = timed_peak(lambda: [step() for _ in range(steps)])
+    secs /= steps
     return {"method": method, "R": R, "I": n_items, "d": d, "N": n_neg, "step_seconds": round(secs, 3),
             "peak_extra_mib": round(peak, 1), "threads": threads, "steps": steps}
 
