@@ -151,14 +151,25 @@ def init_state(s_pos, log2_eps, KIND: tl.constexpr, HAS_EPS: tl.constexpr):
 
 
 @triton.jit
-def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr, INTERPRET: tl.constexpr):
+def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr, INTERPRET: tl.constexpr,
+                 LAZY_TH: tl.constexpr = 0.0):
     """Fold a score tile s [rows, items] (in :func:`score_unit` units) into the row state.
 
     Returns (m, a, b, alpha, phi): a query-gradient accumulator Σ_j φ_rj v_j must be rescaled
     by alpha [rows] before adding this tile's Σ_j phi_rj v_j (alpha = 1 for pointwise kinds).
+
+    LAZY_TH > 0 (contrastive, log2 units): ``m`` is a reference, not the running max — it moves
+    (and alpha < 1) only for a row whose tile max exceeds it by more than LAZY_TH, FlashAttention-4
+    style; otherwise alpha = 1 exactly, so a caller may skip the accumulator's rescale while every
+    row of the tile has alpha = 1. Exact either way: a = Σ 2^{t − m} for the m returned, every
+    t ≤ m + LAZY_TH, so φ ≤ 2^LAZY_TH (256 for 8: well inside bf16/fp16 for the MMA operand).
     """
     if KIND == 0:
-        m_new = tl.maximum(m, tl.max(s, 1))
+        m_tile = tl.max(s, 1)
+        if LAZY_TH > 0:
+            m_new = tl.where(m_tile > m + LAZY_TH, m_tile, m)
+        else:
+            m_new = tl.maximum(m, m_tile)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = exp2(m - m_ref, INTERPRET)
         phi = exp2(s - m_ref[:, None], INTERPRET)
@@ -170,6 +181,62 @@ def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr, INTERPRET: tl.co
         b += tl.sum(phi, 1)
         alpha = tl.full(a.shape, 1.0, tl.float32)
     return m, a, b, alpha, phi
+
+
+@triton.jit
+def save_partial(WS, WS_ACC, WS_VSUM, split, R, rows64, rmask, offs_d64, dmask, d, m, a, b, cnt, ssum, acc, vsum,
+                 NEED_GQ: tl.constexpr, SMOOTH: tl.constexpr):
+    """Store the partial row state of one item range (split ``split`` of a split-N row pass) in fp32:
+    WS [S, 5, R] holds (m, a, b, ssum, cnt — the int32 count bit-cast), WS_ACC / WS_VSUM [S, R, d]
+    the query-gradient accumulator and label smoothing's Σ_j v_j. O(S·R·d), never R×N."""
+    base = WS + split.to(tl.int64) * 5 * R + rows64
+    tl.store(base, m, mask=rmask)
+    tl.store(base + R, a, mask=rmask)
+    tl.store(base + 2 * R, b, mask=rmask)
+    tl.store(base + 3 * R, ssum, mask=rmask)
+    tl.store(base + 4 * R, cnt.to(tl.float32, bitcast=True), mask=rmask)
+    if NEED_GQ:
+        off = (split.to(tl.int64) * R + rows64)[:, None] * d + offs_d64[None, :]
+        tl.store(WS_ACC + off, acc, mask=rmask[:, None] & dmask[None, :])
+        if SMOOTH:
+            tl.store(WS_VSUM + off, vsum, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def merge_partials(WS, WS_ACC, WS_VSUM, n_splits, R, rows64, rmask, offs_d64, dmask, d, m, a, b,
+                   KIND: tl.constexpr, NEED_GQ: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold the ``n_splits`` partial states of :func:`save_partial` into the state (m, a, b) a row
+    has before any negative (:func:`init_state`), in the fixed order s = 0, 1, … (deterministic).
+
+    Contrastive: m = max(m, max_s m_s), a = a·2^{m_old − m} + Σ_s a_s·2^{m_s − m} and the same
+    weights for the accumulators; pointwise kinds: plain sums. Returns (m, a, b, cnt, ssum, acc, vsum).
+    """
+    cnt = tl.zeros(rows64.shape, dtype=tl.int32)
+    ssum = tl.zeros(rows64.shape, dtype=tl.float32)
+    acc = tl.zeros([rows64.shape[0], BLOCK_D], dtype=tl.float32)
+    vsum = tl.zeros([rows64.shape[0], BLOCK_D], dtype=tl.float32)
+    out_mask = rmask[:, None] & dmask[None, :]
+    m_all = m
+    if KIND == 0:
+        for s in range(0, n_splits):
+            m_all = tl.maximum(m_all, tl.load(WS + rows64 + s * (5 * R), mask=rmask, other=0.0))
+        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+        a = a * tl.exp2(m - m_ref)
+    for s in range(0, n_splits):
+        base = WS + rows64 + s * (5 * R)  # int64: rows64; s·5·R < 2^31 for any split plan
+        w = tl.full(rows64.shape, 1.0, tl.float32)
+        if KIND == 0:
+            w = tl.exp2(tl.load(base, mask=rmask, other=float("-inf")) - m_ref)
+        a += tl.load(base + R, mask=rmask, other=0.0) * w
+        b += tl.load(base + 2 * R, mask=rmask, other=0.0)
+        ssum += tl.load(base + 3 * R, mask=rmask, other=0.0)
+        cnt += tl.load(base + 4 * R, mask=rmask, other=0.0).to(tl.int32, bitcast=True)
+        if NEED_GQ:
+            off = (rows64 + s * R)[:, None] * d + offs_d64[None, :]
+            acc += tl.load(WS_ACC + off, mask=out_mask, other=0.0) * w[:, None]
+            if SMOOTH:
+                vsum += tl.load(WS_VSUM + off, mask=out_mask, other=0.0)
+    return m_all, a, b, cnt, ssum, acc, vsum
 
 
 @triton.jit

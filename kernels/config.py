@@ -106,6 +106,35 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
     return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 
 
+# Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has fewer row blocks than the
+# GPU has SMs, the items are split over S programs per row block, each streaming a contiguous range
+# of at least SPLIT_MIN_TILES item tiles (its partial ∂q accumulator, BLOCK_R·d fp32 written and read
+# back once, then costs ≤ half the bf16 item range it streamed), and a merge kernel of MERGE_TILE
+# fp32 elements per [rows, d] block (4 warps, 16 per thread and accumulator) folds the partials.
+SM_COUNT = 132  # H100 SXM5: the count assumed by AOT compilation and the interpreter
+SPLIT_MIN_TILES = 8
+MERGE_TILE = 2048
+# Lazy ∂q rescale (issue #12 item 4): the contrastive rows pass moves a row's reference max only
+# when a tile's max exceeds it by more than this many log2 units (0 = rescale on every tile).
+LAZY_RESCALE_LOG2 = 8.0
+
+
+def split_count(row_blocks: int, n_tiles: int, sm_count: int = SM_COUNT, splits: int | None = None) -> tuple[int, int]:
+    """(S, item tiles per split) of the shared rows pass: S = min(cdiv(sm_count, row_blocks),
+    cdiv(n_tiles, SPLIT_MIN_TILES)), 1 when the row blocks already fill the SMs; ``splits`` forces
+    S (a test hook). S is then reduced so that no split is empty."""
+    if splits is None:
+        splits = 1 if row_blocks >= sm_count else min(-(-sm_count // row_blocks), -(-n_tiles // SPLIT_MIN_TILES))
+    per_split = -(-n_tiles // max(1, min(splits, n_tiles))) if n_tiles else 0
+    return (-(-n_tiles // per_split) if per_split else 1), per_split
+
+
+def merge_config(d: int) -> TileConfig:
+    """The merge kernel of a split rows pass: [BLOCK_R, BLOCK_D] blocks of MERGE_TILE elements."""
+    block_d = max(16, next_pow2(d))
+    return TileConfig(max(1, min(64, MERGE_TILE // block_d)), 1, block_d, 4)
+
+
 def gathered_config(d: int, n: int, layout: str = "per_row", dtype: torch.dtype = torch.float32) -> TileConfig:
     check_d(d, layout, dtype)
     block_d = next_pow2(d)

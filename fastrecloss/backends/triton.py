@@ -68,7 +68,7 @@ def forward_backward(
     item-segment pass instead of atomics); every other path is deterministic already.
     """
     return _run(p, _kernels().plan(p, spec, row_scale, needs, deterministic, emulate_dot=_check_device(p),
-                                   arch=_arch(p))).outputs()
+                                   arch=_arch(p), sm_count=_sm_count(p))).outputs()
 
 
 def _arch(p: Problem) -> int:
@@ -77,6 +77,16 @@ def _arch(p: Problem) -> int:
         return 90
     major, minor = torch.cuda.get_device_capability(p.query.device)
     return 10 * major + minor
+
+
+def _sm_count(p: Problem) -> int:
+    """The SMs of the tensors' GPU (the shared rows pass splits its items below one row block per SM);
+    the AOT/interpreter default of ``kernels/config.py`` on CPU."""
+    if p.query.device.type != "cuda":
+        from ..kernels.config import SM_COUNT
+
+        return SM_COUNT
+    return torch.cuda.get_device_properties(p.query.device).multi_processor_count
 
 
 def forward_state(p: Problem, spec: LossSpec, deterministic: bool = False) -> tuple[Tensor, Tensor]:

@@ -28,10 +28,19 @@ from torch import Tensor
 
 from .._problem import Problem
 from .._spec import Kind, LossSpec, acc_dtype
-from ..kernels.config import TileConfig, gathered_config, segment_config, shared_configs
+from ..kernels.config import (
+    LAZY_RESCALE_LOG2,
+    SM_COUNT,
+    TileConfig,
+    gathered_config,
+    merge_config,
+    segment_config,
+    shared_configs,
+    split_count,
+)
 from ..kernels.indexed import item_segment_kernel
 from ..kernels.per_row import rows_kernel
-from ..kernels.shared import shared_items_kernel, shared_rows_kernel
+from ..kernels.shared import shared_items_kernel, shared_merge_kernel, shared_rows_kernel
 
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -98,13 +107,15 @@ def _loss_args(p: Problem, spec: LossSpec) -> dict[str, Any]:
 
 def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool, bool, bool],
          deterministic: bool, emulate_dot: bool, state: Tensor | None = None, save_state: bool = False,
-         arch: int = 90) -> Plan:
+         arch: int = 90, sm_count: int = SM_COUNT, splits: int | None = None) -> Plan:
     """Allocate the outputs of ``forward_backward`` and list the launches that fill them.
 
     Gathered layouts only: ``save_state`` makes a forward (no ``row_scale``) also return the [4, R]
     row stats in ``Plan.state``; ``state`` (with ``row_scale``) plans the backward's gradient pass
     alone, which computes no loss. ``emulate_dot``: the kernels run in the interpreter. ``arch``: the
-    GPU's compute capability (×10), for the per-arch tiles of ``kernels/config.py``."""
+    GPU's compute capability (×10), for the per-arch tiles of ``kernels/config.py``. Shared layout:
+    ``sm_count`` (the GPU's SMs) decides whether the rows pass splits the items (small R, see
+    :func:`_plan_shared`); ``splits`` forces the number of splits (a test hook)."""
     acc = acc_dtype(p.query.dtype)
     R, d, dev = p.R, p.d, p.query.device
     need_q, need_p, need_n = needs if row_scale is not None else (False, False, False)
@@ -139,7 +150,7 @@ def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool
         stride_pd=_strides(p.pos)[1], NEED_GQ=need_q, NEED_GP=need_p, INTERPRET=emulate_dot, **_loss_args(p, spec),
     )
     if p.layout == "shared":
-        _plan_shared(out, p, dict(common, SAVE_STATS=need_n), arch)
+        _plan_shared(out, p, dict(common, SAVE_STATS=need_n), arch, sm_count, splits)
     elif state is not None:
         _plan_gathered(out, p, common, deterministic, "gradient")
     elif two_pass:
@@ -173,7 +184,12 @@ def hit_codes(pos_ids: Tensor, neg_ids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(present, code_pos, -1).to(torch.int32), code_neg
 
 
-def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int) -> None:
+def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_count: int,
+                 splits: int | None) -> None:
+    """The rows pass, then the items pass for ∂/∂neg. With fewer row blocks than SMs the rows pass
+    is split (flash-decoding): grid (row blocks, S), each program streaming S's share of the item
+    tiles into fp32 partials (``WS`` [S, 5, R], ``WS_ACC`` / ``WS_VSUM`` [S, R, d]: O(S·R·d)),
+    then ``shared_merge_kernel`` finishes the rows."""
     pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
     rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs, arch=arch)
     if common["HIT_POS"] is not None and p.N > 0:
@@ -181,13 +197,30 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int) -> No
     mask = common["MASK"]
     mask_mode = 0 if mask is None else mask.dim()
     stride_mr, stride_mn = (0, mask.stride(0)) if mask_mode == 1 else _strides(mask)
-    coef_max = torch.zeros(1, dtype=torch.float32, device=p.query.device) if out.grad_neg is not None else None
+    dev = p.query.device
+    coef_max = torch.zeros(1, dtype=torch.float32, device=dev) if out.grad_neg is not None else None
     args = dict(common, COEF_MAX=coef_max, stride_nn=p.neg.stride(0), stride_nd=p.neg.stride(1),
                 stride_mr=stride_mr, stride_mn=stride_mn, MASK_MODE=mask_mode, BLOCK_D=rows_cfg.block_d,
-                DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32))
+                DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), SPLIT=False, split_n=p.N, WS=None, WS_ACC=None,
+                WS_VSUM=None, LAZY_TH=LAZY_RESCALE_LOG2 if common["KIND"] == Kind.CONTRASTIVE else 0.0)
+    row_blocks = triton.cdiv(p.R, rows_cfg.block_r)
+    n_splits, per_split = split_count(row_blocks, triton.cdiv(p.N, rows_cfg.block_n), sm_count, splits)
     rows = dict(args, BLOCK_R=rows_cfg.block_r, BLOCK_N=rows_cfg.block_n)
-    out.launches.append(Launch(shared_rows_kernel, (triton.cdiv(p.R, rows_cfg.block_r),),
-                               _bind(shared_rows_kernel, rows), rows_cfg))
+    if n_splits == 1:
+        out.launches.append(Launch(shared_rows_kernel, (row_blocks,), _bind(shared_rows_kernel, rows), rows_cfg))
+    else:
+        ws = dict(WS=torch.empty(n_splits, 5, p.R, dtype=torch.float32, device=dev), WS_ACC=None, WS_VSUM=None)
+        if common["NEED_GQ"]:
+            ws["WS_ACC"] = torch.empty(n_splits, p.R, p.d, dtype=torch.float32, device=dev)
+            if common["SMOOTH"]:
+                ws["WS_VSUM"] = torch.empty(n_splits, p.R, p.d, dtype=torch.float32, device=dev)
+        rows = dict(rows, **ws, SPLIT=True, split_n=per_split * rows_cfg.block_n)
+        out.launches.append(Launch(shared_rows_kernel, (row_blocks, n_splits), _bind(shared_rows_kernel, rows),
+                                   rows_cfg))
+        merge_cfg = merge_config(p.d)
+        merge = dict(args, **ws, n_splits=n_splits, BLOCK_R=merge_cfg.block_r, BLOCK_D=merge_cfg.block_d)
+        out.launches.append(Launch(shared_merge_kernel, (triton.cdiv(p.R, merge_cfg.block_r),),
+                                   _bind(shared_merge_kernel, merge), merge_cfg))
     if out.grad_neg is not None and p.N > 0:
         items = dict(args, BLOCK_R=items_cfg.block_r, BLOCK_N=items_cfg.block_n)
         out.launches.append(Launch(shared_items_kernel, (triton.cdiv(p.N, items_cfg.block_n),),
