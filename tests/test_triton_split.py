@@ -202,7 +202,7 @@ def test_small_r_splits_the_items_with_an_o_s_r_d_workspace() -> None:
     assert all(t.dtype == torch.float32 for t in ws)
     assert sum(t.numel() for t in ws) <= S * R * (2 * d + 5) < R * N // 10  # O(S·R·d), never R×N
     assert all(merge.args[k] is rows.args[k] for k in ("WS", "WS_ACC", "WS_VSUM"))
-    assert not items.args["SPLIT"] and rows.args["COEF_MAX"] is merge.args["COEF_MAX"]
+    assert rows.args["COEF_MAX"] is merge.args["COEF_MAX"] is items.args["COEF_MAX"]
 
 
 def test_split_count_follows_the_sm_count_and_the_items() -> None:
