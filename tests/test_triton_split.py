@@ -236,3 +236,25 @@ def test_forward_only_split_has_no_accumulator_workspace() -> None:
     assert rows.args["SPLIT"] and rows.args["WS_ACC"] is None and rows.args["LAZY_TH"] == 0.0
     assert merge.name == "shared_merge_kernel"
 
+
+
+def test_sass_conditional_blocks_are_the_skippable_body() -> None:
+    """The lazy rescale is an ``if`` without ``else``: a predicated forward branch over the FMULs."""
+    from fastrecloss.backends import triton_sass as ts
+
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   FMNMX R2, R3, R4, PT ;
+        /*0020*/               @P0 BRA 0x50 ;
+        /*0030*/                   FMUL R5, R5, R2 ;
+        /*0040*/                   FMUL R6, R6, R2 ;
+        /*0050*/                   BSYNC B0 ;
+        /*0060*/                   BRA 0x70 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0080*/              @!P1 BRA 0x10 ;
+        /*0090*/                   EXIT ;
+    """
+    loop = ts.steady_loop(ts.parse(text))
+    assert [i.addr for i in loop] == list(range(0x10, 0x90, 0x10))
+    assert [i.addr for i in ts.conditional_blocks(loop)] == [0x30, 0x40]  # not the unpredicated BRA's 0x60
+    assert loop[1].pred == "@P0" and loop[-1].pred == "@!P1" and loop[0].pred == ""

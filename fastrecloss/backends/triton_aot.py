@@ -161,12 +161,34 @@ def _launches(kinds: tuple[str, ...], case: int, cap: int = 90) -> tuple[str, li
     from . import triton_plan as launch_mod
 
     base = cases(kinds)
-    if case >= len(base):  # kernels planned outside triton_plan (the hook of _extra_cases)
-        return _extra_cases()[case - len(base)]
+    if case >= len(base):  # kernels planned outside triton_plan (the hook of _extra_cases), the split rows pass
+        extra = _extra_cases()
+        if case - len(base) < len(extra):
+            return extra[case - len(base)]
+        return split_cases(kinds, cap)[case - len(base) - len(extra)]
     label, problem, spec, det = base[case]
     plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
-                           emulate_dot=False, arch=cap)
+                           emulate_dot=False, arch=cap, splits=1)  # one program per row block: large R
     return f"{label} d={problem.d} N={problem.N}", plan.launches
+
+
+def split_cases(kinds: tuple[str, ...], cap: int = 90) -> list[tuple[str, list]]:
+    """(label, launches) of the shared layout's split-N rows pass and its merge kernel (small R): the
+    every-option shared problems of :func:`cases` (and label smoothing with a per-pair mask) planned
+    for a GPU of ``kernels.config.SM_COUNT`` SMs, where their 4–8 row blocks make the rows pass split
+    the items (the base cases plan the same problems unsplit, as for large R)."""
+    from . import triton_plan as launch_mod
+
+    out = []
+    for label, problem, spec, det in cases(kinds):
+        if label.startswith("shared") and ("inbatch" not in label and "catalogue" not in label
+                                           and "nomask" not in label):
+            plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
+                                   emulate_dot=False, arch=cap)
+            split = [s for s in plan.launches if s.name == "shared_merge_kernel" or s.args.get("SPLIT")]
+            if split:
+                out.append((f"{label.replace('shared', 'shared-split', 1)} d={problem.d} N={problem.N}", split))
+    return out
 
 
 def _extra_cases() -> list[tuple[str, list]]:
@@ -180,6 +202,8 @@ def scores_per_iteration(launch: Any) -> int:
     """Score elements one iteration of the kernel's steady-state loop covers (one tile, or one
     reference per lane of the segment pass)."""
     cfg = launch.config
+    if launch.name == "shared_merge_kernel":  # one partial row state (and its d floats) per row and split
+        return cfg.block_r
     return cfg.block_r if launch.name == "item_segment_kernel" else cfg.block_r * cfg.block_n
 
 
@@ -220,7 +244,7 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
     if type(launch_mod.shared_rows_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("AOT compilation needs the kernels decorated without TRITON_INTERPRET; use run_isolated()")
     seen, out = set(), []
-    for case in range(len(cases(kinds)) + len(_extra_cases())):
+    for case in range(len(cases(kinds)) + len(_extra_cases()) + len(split_cases(kinds))):
         for cap in archs:
             for index, step in enumerate(_launches(kinds, case, cap)[1]):
                 key = (step.name, repr(_signature(step)), step.config, cap)

@@ -25,6 +25,11 @@ tensor (MACs)  1024     2048     bf16/fp16 MACs per clock per SM (tf32: half); H
                                  assumed at the sm_80 rate (mma.sync does not reach HGMMA peak)
 =============  =======  =======  ==========================================================
 
+The ``cond`` column gives the loop's instructions that a predicated forward branch inside it can
+skip (an ``if`` without ``else``: the shared rows pass's lazy ∂q rescale), out of the loop's total;
+the path of an iteration that skips them is the total minus those (``fp32_cond_per_score`` is the
+FP32 part).
+
 These are static counts: both sides of a branch inside the loop are counted, latency and memory
 stalls are ignored, and the loop is assumed to run at the issue/pipe bound. They stand in for a
 timing only as a relative measure between versions of a kernel.
@@ -53,7 +58,7 @@ RATES = {  # thread-instructions per clock per SM; tensor MACs per clock per SM 
     90: {"issue": 128.0, "fp32": 128.0, "int": 64.0, "sfu": 16.0, "cvt": 16.0, "mma_macs": 2048.0,
          "hmma_macs": 1024.0},
 }
-_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[\w]+)*)\s*([^;]*);")
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[\w]+)*)\s*([^;]*);")
 _BRA = re.compile(r"0x([0-9a-f]+)")
 
 
@@ -63,6 +68,7 @@ class Instruction:
     op: str
     mods: str
     operands: str
+    pred: str = ""  # the guard predicate ("@P0", "@!UP1"), empty when unconditional
 
 
 def disassemble(cubin: bytes) -> list[Instruction]:
@@ -81,20 +87,34 @@ def parse(text: str) -> list[Instruction]:
     for line in text.splitlines():
         m = _LINE.match(line)
         if m:
-            out.append(Instruction(int(m.group(1), 16), m.group(2), m.group(3), m.group(4).strip()))
+            out.append(Instruction(int(m.group(1), 16), m.group(3), m.group(4), m.group(5).strip(),
+                                   (m.group(2) or "").strip()))
     return out
+
+
+def _target(ins: Instruction) -> int | None:
+    m = _BRA.search(ins.operands) if ins.op == "BRA" else None
+    return int(m.group(1), 16) if m else None
+
+
+def conditional_blocks(loop: list[Instruction]) -> list[Instruction]:
+    """Instructions of a loop that a predicated forward branch inside it can skip (an ``if`` without
+    ``else``, e.g. the lazy ∂q rescale): they run only on the iterations where the branch falls through."""
+    skipped: set[int] = set()
+    for ins in loop[:-1]:
+        target = _target(ins)
+        if ins.pred and target is not None and ins.addr < target <= loop[-1].addr:
+            skipped.update(range(ins.addr + 1, target))
+    return [ins for ins in loop if ins.addr in skipped]
 
 
 def steady_loop(code: list[Instruction]) -> list[Instruction]:
     """The instructions of the widest loop: [target, branch] of the backward branch spanning most code."""
     best: tuple[int, int] | None = None
     for ins in code:
-        if ins.op != "BRA":
+        target = _target(ins)
+        if target is None:
             continue
-        m = _BRA.search(ins.operands)
-        if not m:
-            continue
-        target = int(m.group(1), 16)
         if target < ins.addr and (best is None or ins.addr - target > best[1] - best[0]):
             best = (target, ins.addr)
     if best is None:
@@ -146,8 +166,10 @@ def loop_cost(cubin: bytes, arch: int, num_warps: int, scores: int) -> dict[str,
         if cls == "mma":
             n, tf32 = mma_macs(ins)
             macs["mma_macs" if ins.op == "HGMMA" else "hmma_macs"] += n * (2 if tf32 else 1)
+    cond = conditional_blocks(loop)
     rates = RATES[arch]
     per_score = {k: v * 32 * num_warps / scores for k, v in counts.items()}
+    cond_fp32 = sum(op_class(ins.op) == "fp32" for ins in cond) * 32 * num_warps / scores
     total = sum(per_score.values())
     cycles = {"issue": total / rates["issue"]}
     for pipe in ("fp32", "int", "sfu", "cvt"):
@@ -156,7 +178,9 @@ def loop_cost(cubin: bytes, arch: int, num_warps: int, scores: int) -> dict[str,
     bound = max(cycles, key=cycles.get)
     return {
         "loop_instructions": len(loop),
+        "cond_instructions": len(cond),  # skippable by a forward branch (counted in the totals too)
         **{f"{k}_per_score": round(v, 2) for k, v in per_score.items()},
+        "fp32_cond_per_score": round(cond_fp32, 2),
         "hgmma": any(ins.op == "HGMMA" for ins in code),
         "hgmma_in_loop": any(ins.op == "HGMMA" for ins in loop),
         "cycles_per_1k": round(1000 * cycles[bound], 1),
@@ -166,9 +190,10 @@ def loop_cost(cubin: bytes, arch: int, num_warps: int, scores: int) -> dict[str,
 
 def format_table(rows: list[dict]) -> str:
     header = ("kernel", "variant", "arch", "mma", "sfu", "fp32", "int", "cvt", "mem", "other", "HGMMA",
-              "cyc/1k", "bound")
+              "cyc/1k", "bound", "cond")
     body = [(r["kernel"], r["variant"], r["arch"], *(f"{r['sass'][f'{c}_per_score']:.2f}" for c in CLASSES),
-             "yes" if r["sass"]["hgmma_in_loop"] else "no", f"{r['sass']['cycles_per_1k']:.0f}", r["sass"]["bound"])
+             "yes" if r["sass"]["hgmma_in_loop"] else "no", f"{r['sass']['cycles_per_1k']:.0f}", r["sass"]["bound"],
+             f"{r['sass'].get('cond_instructions', 0)}/{r['sass']['loop_instructions']}")
             for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
