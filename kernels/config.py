@@ -106,8 +106,8 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
     return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 
 
-# Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has fewer row blocks than the
-# GPU has SMs, the items are split over S programs per row block, each streaming a contiguous range
+# Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has fewer than half as many row
+# blocks as the GPU has SMs, the items are split over S programs per row block, each streaming a contiguous range
 # of at least SPLIT_MIN_TILES item tiles (its partial ∂q accumulator, BLOCK_R·d fp32 written and read
 # back once, then costs ≤ half the bf16 item range it streamed), and a merge kernel of MERGE_TILE
 # fp32 elements per [rows, d] block (4 warps, 16 per thread and accumulator) folds the partials.
@@ -120,11 +120,13 @@ LAZY_RESCALE_LOG2 = 8.0
 
 
 def split_count(row_blocks: int, n_tiles: int, sm_count: int = SM_COUNT, splits: int | None = None) -> tuple[int, int]:
-    """(S, item tiles per split) of the shared rows pass: S = min(cdiv(sm_count, row_blocks),
-    cdiv(n_tiles, SPLIT_MIN_TILES)), 1 when the row blocks already fill the SMs; ``splits`` forces
-    S (a test hook). S is then reduced so that no split is empty."""
+    """(S, item tiles per split) of the shared rows pass: S = min(⌊sm_count / row_blocks⌋,
+    cdiv(n_tiles, SPLIT_MIN_TILES)), at least 1 — at most one program per SM, so the grid is one
+    balanced wave (a ceiling would put a second program on a few SMs, which then finish last); 1
+    when the row blocks fill half the SMs or more. ``splits`` forces S (a test hook). S is then
+    reduced so that no split is empty."""
     if splits is None:
-        splits = 1 if row_blocks >= sm_count else min(-(-sm_count // row_blocks), -(-n_tiles // SPLIT_MIN_TILES))
+        splits = max(1, min(sm_count // max(row_blocks, 1), -(-n_tiles // SPLIT_MIN_TILES)))
     per_split = -(-n_tiles // max(1, min(splits, n_tiles))) if n_tiles else 0
     return (-(-n_tiles // per_split) if per_split else 1), per_split
 
