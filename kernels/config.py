@@ -106,7 +106,7 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
     return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
 
 
-# Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has fewer than half as many row
+# Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has at most half as many row
 # blocks as the GPU has SMs, the items are split over S programs per row block, each streaming a contiguous range
 # of at least SPLIT_MIN_TILES item tiles (its partial ∂q accumulator, BLOCK_R·d fp32 written and read
 # back once, then costs ≤ half the bf16 item range it streamed), and a merge kernel of MERGE_TILE
@@ -133,7 +133,7 @@ def split_count(row_blocks: int, n_tiles: int, sm_count: int = SM_COUNT, splits:
     """(S, item tiles per split) of the shared rows pass: S = min(⌊sm_count / row_blocks⌋,
     cdiv(n_tiles, SPLIT_MIN_TILES)), at least 1 — at most one program per SM, so the grid is one
     balanced wave (a ceiling would put a second program on a few SMs, which then finish last); 1
-    when the row blocks fill half the SMs or more. ``splits`` forces S (a test hook). S is then
+    when the row blocks fill more than half the SMs. ``splits`` forces S (a test hook). S is then
     reduced so that no split is empty."""
     if splits is None:
         splits = max(1, min(sm_count // max(row_blocks, 1), -(-n_tiles // SPLIT_MIN_TILES)))

@@ -22,6 +22,13 @@ Two kernels, modelled on flash-attention's forward and its dK/dV backward:
   accumulates ∂/∂V = coef_max·(G/coef_max)ᵀ·Q in fp32. Each item block is owned by one program, so
   the result is deterministic without atomics.
 
+Small R (flash-decoding): when the row blocks are at most half the SMs, the rows pass runs as a
+grid (row blocks, S) with SPLIT, each program streaming one contiguous range of item tiles into fp32
+partials (``_rowmath.save_partial``), and :func:`shared_merge_kernel` folds them in a fixed order
+and finishes the rows (:func:`finish_rows`, the same epilogue as the unsplit pass). The items pass
+keeps a 1-D grid over item blocks: every resident program walks Q in the same order, so there is
+nothing a grouped program order would regroup (docs/roofline.md, "Program order").
+
 Both passes have the tile's first dimension (rows, items) as the MMA M dimension, ≥ 64 for 16-bit
 inputs so that sm_90 runs warp-group MMA (``kernels/config.py``). Neither writes an R×N tile to
 memory.

@@ -186,10 +186,10 @@ def hit_codes(pos_ids: Tensor, neg_ids: Tensor) -> tuple[Tensor, Tensor]:
 
 def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_count: int,
                  splits: int | None) -> None:
-    """The rows pass, then the items pass for ∂/∂neg. With fewer row blocks than SMs the rows pass
-    is split (flash-decoding): grid (row blocks, S), each program streaming S's share of the item
-    tiles into fp32 partials (``WS`` [S, 5, R], ``WS_ACC`` / ``WS_VSUM`` [S, R, d]: O(S·R·d)),
-    then ``shared_merge_kernel`` finishes the rows."""
+    """The rows pass, then the items pass for ∂/∂neg. With at most half as many row blocks as SMs
+    the rows pass is split (flash-decoding, ``config.split_count``): grid (row blocks, S), each
+    program streaming its share of the item tiles into fp32 partials (``WS`` [S, 5, R], ``WS_ACC`` /
+    ``WS_VSUM`` [S, R, d]: O(S·R·d)), then ``shared_merge_kernel`` finishes the rows."""
     pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
     rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs, arch=arch)
     if common["HIT_POS"] is not None and p.N > 0:
