@@ -116,17 +116,20 @@ SPLIT_MIN_TILES = 8
 MERGE_TILE = 2048
 # Lazy ∂q rescale (issue #12 item 4): the contrastive rows pass moves a row's reference max only
 # when a tile's max exceeds it by more than this many log2 units, and skips the accumulator's
-# rescale on the tiles where none moved. 16-bit inputs only: their loop's skippable rescale is
-# 32 FMULs per thread and tile, against ~10 instructions for the block-wide test; with fp32
-# inputs (3×TF32) ptxas emitted no skippable block and the loop grew (741 → 772 instructions,
-# sm_90, docs/roofline.md).
+# rescale on the tiles where none moved. The block-wide test that decides it costs ~24
+# instructions per thread and tile, so it is used only where the skipped rescale is at least
+# LAZY_MIN_FMULS multiplies per thread (BLOCK_R·BLOCK_D / threads: 32 at d = 64, 128, 256) and
+# for 16-bit inputs: with fp32 inputs (3×TF32) ptxas emitted no skippable block and the loop grew
+# (741 → 772 instructions, sm_90; docs/roofline.md).
 LAZY_RESCALE_LOG2 = 8.0
+LAZY_MIN_FMULS = 32
 
 
-def lazy_rescale(kind: int, dtype: torch.dtype) -> float:
-    """The LAZY_TH of the shared rows pass: LAZY_RESCALE_LOG2 for the contrastive kind with 16-bit
-    inputs, 0.0 (rescale every tile) otherwise."""
-    return LAZY_RESCALE_LOG2 if kind == 0 and not _wide(dtype) else 0.0
+def lazy_rescale(kind: int, dtype: torch.dtype, rows: TileConfig) -> float:
+    """The LAZY_TH of the shared rows pass with tile ``rows``: LAZY_RESCALE_LOG2 or 0.0 (rescale on
+    every tile)."""
+    fmuls = rows.block_r * rows.block_d // (32 * rows.num_warps)
+    return LAZY_RESCALE_LOG2 if kind == 0 and not _wide(dtype) and fmuls >= LAZY_MIN_FMULS else 0.0
 
 
 def split_count(row_blocks: int, n_tiles: int, sm_count: int = SM_COUNT, splits: int | None = None) -> tuple[int, int]:

@@ -123,28 +123,33 @@ def test_split_reduction_none_random_upstream(case: LossCase, forced, gen: torch
     assert _split_launches(plans)
 
 
-def _ramp(R: int, N: int, d: int, gen: torch.Generator, step: float) -> dict:
-    """Scores that climb along the catalogue (item j's score ≈ step·j/τ plus noise), so the row max
-    moves on most tiles, sometimes by less than the lazy threshold and sometimes by far more."""
+def _stairs(R: int, N: int, d: int, gen: torch.Generator) -> dict:
+    """Scores that climb in stairs of one 64-item tile (τ = 0.05): the tile max grows alternately by
+    ≈ 20 and ≈ 5 log2 units, so with a threshold of 8 the reference moves on every other tile and
+    stays stale on the others (φ up to ≈ 2^5), and a wrong threshold (≥ 25) would leave φ beyond
+    fp16's range for the second MMA."""
     inputs = make_inputs("shared", R, N, d, gen=gen, log_q=True, temperature=0.05)
     direction = inputs["query"].mean(0)
     direction = direction / direction.norm()
     inputs["query"] = inputs["query"] * 0.2 + direction
-    ramp = step * torch.arange(N, dtype=torch.float64) * torch.rand(N, generator=gen, dtype=torch.float64)
-    inputs["neg"] = inputs["neg"] * 0.2 + ramp[:, None] * direction
+    tile = torch.arange(N) // 64
+    level = 0.7 * ((tile + 1) // 2) + 0.175 * (tile // 2)  # +0.7, +0.175, +0.7, … (×1/τ·log2 e: +20, +5)
+    jitter = 0.05 * torch.rand(N, generator=gen, dtype=torch.float64)
+    inputs["neg"] = inputs["neg"] * 0.05 + (level + jitter)[:, None] * direction
     return inputs
 
 
 @interpreted
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
 def test_lazy_rescale_with_a_climbing_max(splits: int, dtype: torch.dtype, forced, gen: torch.Generator) -> None:
-    """|scores| in the hundreds, the max growing across tiles: every gradient against the oracle."""
+    """|scores| in the hundreds, the max growing across tiles: every gradient against the oracle
+    (fp16: φ ≤ 2^LAZY_TH must stay inside fp16 for the MMA operand)."""
     plans = forced(splits)
-    n = 200 if dtype == F32 else 400
-    check_case(CASES["infonce"], "triton", _ramp(6, n, 16, gen, step=0.02), dtype, reduction="none",
+    n = 200 if dtype == F32 else 400  # 13 / 7 item tiles
+    check_case(CASES["infonce"], "triton", _stairs(6, n, 64, gen), dtype, reduction="none",
                upstream=random_upstream((6,), gen))
-    assert plans[0].launches[0].args["LAZY_TH"] == (config.LAZY_RESCALE_LOG2 if dtype == BF16 else 0.0)
+    assert plans[0].launches[0].args["LAZY_TH"] == (config.LAZY_RESCALE_LOG2 if dtype != F32 else 0.0)
     assert config.LAZY_RESCALE_LOG2 > 0
     assert bool(_split_launches(plans)) == (splits > 1)
 

@@ -202,7 +202,7 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
     args = dict(common, COEF_MAX=coef_max, stride_nn=p.neg.stride(0), stride_nd=p.neg.stride(1),
                 stride_mr=stride_mr, stride_mn=stride_mn, MASK_MODE=mask_mode, BLOCK_D=rows_cfg.block_d,
                 DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), SPLIT=False, split_n=p.N, WS=None, WS_ACC=None,
-                WS_VSUM=None, LAZY_TH=lazy_rescale(common["KIND"], p.query.dtype))
+                WS_VSUM=None, LAZY_TH=lazy_rescale(common["KIND"], p.query.dtype, rows_cfg))
     row_blocks = triton.cdiv(p.R, rows_cfg.block_r)
     n_splits, per_split = split_count(row_blocks, triton.cdiv(p.N, rows_cfg.block_n), sm_count, splits)
     rows = dict(args, BLOCK_R=rows_cfg.block_r, BLOCK_N=rows_cfg.block_n)
