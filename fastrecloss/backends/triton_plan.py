@@ -5,8 +5,9 @@ synchronisation), so the same code feeds the runtime launcher (``fastrecloss.bac
 and the ahead-of-time compiler (``fastrecloss/backends/triton_aot.py``, which plans on meta tensors). It allocates
 only the outputs ([R] losses, [R, d] query/positive gradients, the item gradient in the shape of
 ``neg``), the fp32 [4, R] row statistics when a later pass needs them (plus one float, the
-largest row coefficient, for the shared item pass), and, in deterministic indexed mode, the int64
-sort of the item references (``kernels/indexed.py``).
+largest row coefficient, for the shared item pass), the fp32 partials of a split shared rows pass
+(small R: [S, 5, R] and [S, R, d] with S·R ≤ sm_count·BLOCK_R, see :func:`_plan_shared`), and, in
+deterministic indexed mode, the int64 sort of the item references (``kernels/indexed.py``).
 
 Passes over the negatives. Shared layout: the rows pass, plus the items pass for ∂/∂neg. Gathered
 layouts (per-row, indexed): the forward is one state pass that can save the row statistics
