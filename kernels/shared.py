@@ -24,8 +24,8 @@ Two kernels, modelled on flash-attention's forward and its dK/dV backward:
 
 Small R (flash-decoding): when the row blocks are at most half the SMs, the rows pass runs as a
 grid (row blocks, S) with SPLIT, each program streaming one contiguous range of item tiles into fp32
-partials (``_rowmath.save_partial``), and :func:`shared_merge_kernel` folds them in a fixed order
-and finishes the rows (:func:`finish_rows`, the same epilogue as the unsplit pass). The items pass
+partials (``_rowmath.save_partial``), and a second launch of the same template with MERGE folds
+them in a fixed order and finishes the rows with the unsplit pass's epilogue. The items pass
 keeps a 1-D grid over item blocks: every resident program walks Q in the same order, so there is
 nothing a grouped program order would regroup (docs/roofline.md, "Program order").
 
@@ -84,57 +84,15 @@ def pair_keep(r_b, r_in, c_b, c_in, MASK, HIT_NEG, hit_pos_b, stride_mr, stride_
 
 
 @triton.jit
-def row_block(Q, POS, POS_IDX, NEG, POS_LOG_Q, pid, R, N, d, stride_qr, stride_qd, stride_nn, stride_nd, stride_pr,
-              stride_pd, inv_tau, HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows of block ``pid``: (rows64, rmask, offs_d64, dmask, q tile in the input dtype, s_r+)."""
-    rows64, rmask, offs_d64, dmask, q_raw = load_block(Q, pid, R, d, stride_qr, stride_qd, BLOCK_R, BLOCK_D)
-    if HAS_POS:
-        s_pos = positive_score(q_raw.to(tl.float32), POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr,
-                               stride_pd, stride_tr=stride_nn, stride_td=stride_nd, n_table=N, POS_LOG_Q=POS_LOG_Q,
-                               inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=HAS_POS_LOG_Q)
-    else:
-        s_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
-    return rows64, rmask, offs_d64, dmask, q_raw, s_pos
-
-
-@triton.jit
-def finish_rows(rows64, rmask, offs_d64, dmask, m, a, b, cnt, s_pos, ssum, acc, vsum,
-                Q, NEG, POS, POS_IDX, ROW_SCALE, LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI, COEF_MAX,
-                N, d, stride_qr, stride_qd, stride_nn, stride_nd, stride_pr, stride_pd,
-                inv_tau, log2_eps, lam, mu, beta, neg_weight, smooth, z_loss,
-                KIND: tl.constexpr, HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_EPS: tl.constexpr,
-                NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr,
-                SMOOTH: tl.constexpr):
-    """A block's complete row state → row loss, ∂/∂q, ∂/∂p, the saved stats and the coef_max atomic
-    (the end of an unsplit rows pass, and of the merge of a split one)."""
-    loss, shift, coef, g_pos, uni = finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight, smooth,
-                                             z_loss, KIND, HAS_POS, HAS_EPS, NEG_SUM)
-    scale = tl.zeros(rows64.shape, dtype=tl.float32)
-    if NEED_GQ or NEED_GP or SAVE_STATS:
-        scale = tl.load(ROW_SCALE + rows64, mask=rmask, other=0.0).to(tl.float32) * inv_tau
-    store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, uni, vsum, scale,
-                      Q=Q, stride_qr=stride_qr, stride_qd=stride_qd, POS=POS, stride_pr=stride_pr, stride_pd=stride_pd,
-                      POS_IDX=POS_IDX, TABLE=NEG, stride_tr=stride_nn, stride_td=stride_nd, n_table=N,
-                      LOSS=LOSS, GRAD_Q=GRAD_Q, GRAD_P=GRAD_P, ROW_SHIFT=ROW_SHIFT, ROW_COEF=ROW_COEF,
-                      ROW_GPOS=ROW_GPOS, ROW_UNI=ROW_UNI, HAS_POS=HAS_POS, POS_FROM_TABLE=POS_FROM_TABLE,
-                      NEED_GQ=NEED_GQ, NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS, ACC_SCALED=False, STATS_SCALED=True,
-                      SMOOTH=SMOOTH)
-    if SAVE_STATS:
-        big = tl.maximum(tl.maximum(tl.abs(coef * scale), tl.abs(g_pos * scale)), tl.abs(uni * scale))
-        tl.atomic_max(COEF_MAX, tl.max(tl.where(rmask, big, 0.0), 0))
-
-
-@triton.jit
 def shared_rows_kernel(
     Q, NEG, POS, POS_IDX, LOG_Q, POS_LOG_Q, MASK, HIT_POS, HIT_NEG, ROW_SCALE,
     LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI, COEF_MAX, WS, WS_ACC, WS_VSUM,
-    R, N, d, split_n, stride_qr, stride_qd, stride_nn, stride_nd, stride_pr, stride_pd, stride_mr, stride_mn,
-    inv_tau, log2_eps, lam, mu, beta, margin, neg_weight, smooth, z_loss,
+    R, N, d, split_n, n_splits, stride_qr, stride_qd, stride_nn, stride_nd, stride_pr, stride_pd, stride_mr,
+    stride_mn, inv_tau, log2_eps, lam, mu, beta, margin, neg_weight, smooth, z_loss,
     KIND: tl.constexpr, HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_EPS: tl.constexpr,
     HAS_LOG_Q: tl.constexpr, HAS_POS_LOG_Q: tl.constexpr, MASK_MODE: tl.constexpr, HAS_HITS: tl.constexpr,
     NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr,
-    SMOOTH: tl.constexpr, SPLIT: tl.constexpr, LAZY_TH: tl.constexpr,
+    SMOOTH: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, LAZY_TH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -145,106 +103,99 @@ def shared_rows_kernel(
     reference max moved, see ``_rowmath.update_state``); at the end ∂L/∂q_r = (coef_r acc_r +
     g+_r p_r)·scale_r/τ.
 
-    SPLIT (small R, flash-decoding): program (block, s) = (program_id(0), program_id(1)) streams
-    only items [s·split_n, (s + 1)·split_n) from the empty state and stores its partial state with
-    ``save_partial``; :func:`shared_merge_kernel` adds the positive's term and finishes the rows.
-    The grid is (row blocks, S) and CUDA issues program_id(0) fastest: the programs resident
-    together are the row blocks of the same item range (split-major), so each range of V is
-    fetched from HBM about once and served to every row block from L2, while the re-read operand
-    is the small Q block.
+    Small R (flash-decoding), two launches of this template. SPLIT: program (block, s) =
+    (program_id(0), program_id(1)) streams only items [s·split_n, (s + 1)·split_n) from the empty
+    state and stores its partial state (``save_partial``). MERGE: a 1-D grid over (smaller) row
+    blocks, no item loop; each row starts from the positive's term, folds the ``n_splits`` partials
+    in the fixed order s = 0, 1, … (``merge_partials``: no atomics, bit-identical run to run) and
+    finishes as the unsplit pass does. The SPLIT grid is (row blocks, S) and CUDA issues
+    program_id(0) fastest: the programs resident together are the row blocks of the same item
+    range (split-major), so each range of V is fetched from HBM about once and served to every row
+    block from L2, while the re-read operand is the small Q block.
     """
-    rows64, rmask, offs_d64, dmask, q_raw, s_pos = row_block(
-        Q, POS, POS_IDX, NEG, POS_LOG_Q, tl.program_id(0), R, N, d, stride_qr, stride_qd, stride_nn, stride_nd,
-        stride_pr, stride_pd, inv_tau, HAS_POS, POS_FROM_TABLE, HAS_POS_LOG_Q, BLOCK_R, BLOCK_D)
-    n_lo = 0
-    n_hi = N
-    if SPLIT:
-        n_lo = tl.program_id(1) * split_n
-        n_hi = tl.minimum(N, n_lo + split_n)
-    offs_n = tl.arange(0, BLOCK_N)
-    unit = score_unit(KIND)
-    score_mul = inv_tau * unit
-    hit_pos = s_pos  # placeholder, replaced when accidental hits are removed
-    if HAS_HITS:
-        hit_pos = tl.load(HIT_POS + rows64, mask=rmask, other=0)
-
+    rows64, rmask, offs_d64, dmask, q_raw = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R,
+                                                       BLOCK_D)
+    if HAS_POS:
+        s_pos = positive_score(q_raw.to(tl.float32), POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr,
+                               stride_pd, stride_tr=stride_nn, stride_td=stride_nd, n_table=N, POS_LOG_Q=POS_LOG_Q,
+                               inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=HAS_POS_LOG_Q)
+    else:
+        s_pos = tl.zeros([BLOCK_R], dtype=tl.float32)
     m, a, b = init_state(s_pos, log2_eps, KIND, HAS_EPS and not SPLIT)  # split: the merge adds the positive
-    cnt = tl.zeros([BLOCK_R], dtype=tl.int32)  # per-row count (pair masks), else one count for all rows
-    cnt_items = 0
-    ssum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    vsum = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # label smoothing: Σ_j v_j over kept j
-    vcol = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        cols64 = n0 + offs_n.to(tl.int64)
-        cmask = cols64 < n_hi
-        v = tl.load(NEG + cols64[:, None] * stride_nn + offs_d64[None, :] * stride_nd,
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        bias = item_bias(cols64, cmask, LOG_Q, MASK, stride_mn, unit, HAS_LOG_Q, MASK_MODE)
-        s = mm(q_raw, tl.trans(v), DOT_DT, INTERPRET) * score_mul + bias[None, :]
-        if MASK_MODE == 2 or HAS_HITS:
-            keep = pair_keep(rows64[:, None], rmask[:, None], cols64[None, :], cmask[None, :], MASK, HIT_NEG,
-                             hit_pos[:, None], stride_mr, stride_mn, MASK_MODE, HAS_HITS)
-            s = tl.where(keep, s, float("-inf"))
-            cnt += tl.sum(keep.to(tl.int32), 1)
-        else:
-            cnt_items += tl.sum((bias > float("-inf")).to(tl.int32), 0)
-        m, a, b, alpha, phi = update_state(s, s_pos, m, a, b, margin, KIND, INTERPRET, LAZY_TH)
-        if NEED_GQ:
-            if KIND == 0:
-                if LAZY_TH > 0:
-                    if tl.min(alpha, 0) < 1.0:  # a reference max moved in this tile
-                        acc = acc * alpha[:, None]
-                else:
-                    acc = acc * alpha[:, None]
-            acc += mm(phi, v, DOT_DT, INTERPRET)
-        if SMOOTH:
-            ssum += kept_sum(s, SMOOTH)
+    if MERGE:
+        m, a, b, cnt, ssum, acc, vsum = merge_partials(WS, WS_ACC, WS_VSUM, n_splits, R, rows64, rmask, offs_d64,
+                                                       dmask, d, m, a, b, KIND, NEED_GQ, SMOOTH, BLOCK_D)
+    else:
+        n_lo = 0
+        n_hi = N
+        if SPLIT:
+            n_lo = tl.program_id(1) * split_n
+            n_hi = tl.minimum(N, n_lo + split_n)
+        offs_n = tl.arange(0, BLOCK_N)
+        unit = score_unit(KIND)
+        score_mul = inv_tau * unit
+        hit_pos = s_pos  # placeholder, replaced when accidental hits are removed
+        if HAS_HITS:
+            hit_pos = tl.load(HIT_POS + rows64, mask=rmask, other=0)
+        cnt = tl.zeros([BLOCK_R], dtype=tl.int32)  # per-row count (pair masks), else one count for all rows
+        cnt_items = 0
+        ssum = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        vsum = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # label smoothing: Σ_j v_j over kept j
+        vcol = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            cols64 = n0 + offs_n.to(tl.int64)
+            cmask = cols64 < n_hi
+            v = tl.load(NEG + cols64[:, None] * stride_nn + offs_d64[None, :] * stride_nd,
+                        mask=cmask[:, None] & dmask[None, :], other=0.0)
+            bias = item_bias(cols64, cmask, LOG_Q, MASK, stride_mn, unit, HAS_LOG_Q, MASK_MODE)
+            s = mm(q_raw, tl.trans(v), DOT_DT, INTERPRET) * score_mul + bias[None, :]
+            if MASK_MODE == 2 or HAS_HITS:
+                keep = pair_keep(rows64[:, None], rmask[:, None], cols64[None, :], cmask[None, :], MASK, HIT_NEG,
+                                 hit_pos[:, None], stride_mr, stride_mn, MASK_MODE, HAS_HITS)
+                s = tl.where(keep, s, float("-inf"))
+                cnt += tl.sum(keep.to(tl.int32), 1)
+            else:
+                cnt_items += tl.sum((bias > float("-inf")).to(tl.int32), 0)
+            m, a, b, alpha, phi = update_state(s, s_pos, m, a, b, margin, KIND, INTERPRET, LAZY_TH)
             if NEED_GQ:
-                if MASK_MODE == 2 or HAS_HITS:  # per-row kept sets: one more MMA with the keep indicator
-                    vsum += mm(tl.where(s > float("-inf"), 1.0, 0.0), v, DOT_DT, INTERPRET)
-                else:  # one kept set for every row: a column sum of the item tile
-                    vcol += tl.sum(tl.where((bias > float("-inf"))[:, None], v.to(tl.float32), 0.0), 0)
-    cnt += cnt_items
-    if SMOOTH and not (MASK_MODE == 2 or HAS_HITS):
-        vsum += vcol[None, :]
+                if KIND == 0:
+                    if LAZY_TH > 0:
+                        if tl.min(alpha, 0) < 1.0:  # a reference max moved in this tile
+                            acc = acc * alpha[:, None]
+                    else:
+                        acc = acc * alpha[:, None]
+                acc += mm(phi, v, DOT_DT, INTERPRET)
+            if SMOOTH:
+                ssum += kept_sum(s, SMOOTH)
+                if NEED_GQ:
+                    if MASK_MODE == 2 or HAS_HITS:  # per-row kept sets: one more MMA with the keep indicator
+                        vsum += mm(tl.where(s > float("-inf"), 1.0, 0.0), v, DOT_DT, INTERPRET)
+                    else:  # one kept set for every row: a column sum of the item tile
+                        vcol += tl.sum(tl.where((bias > float("-inf"))[:, None], v.to(tl.float32), 0.0), 0)
+        cnt += cnt_items
+        if SMOOTH and not (MASK_MODE == 2 or HAS_HITS):
+            vsum += vcol[None, :]
 
     if SPLIT:
         save_partial(WS, WS_ACC, WS_VSUM, tl.program_id(1), R, rows64, rmask, offs_d64, dmask, d, m, a, b, cnt, ssum,
                      acc, vsum, NEED_GQ, SMOOTH)
     else:
-        finish_rows(rows64, rmask, offs_d64, dmask, m, a, b, cnt, s_pos, ssum, acc, vsum, Q, NEG, POS, POS_IDX,
-                    ROW_SCALE, LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI, COEF_MAX, N, d,
-                    stride_qr, stride_qd, stride_nn, stride_nd, stride_pr, stride_pd, inv_tau, log2_eps, lam, mu, beta,
-                    neg_weight, smooth, z_loss, KIND, HAS_POS, POS_FROM_TABLE, HAS_EPS, NEG_SUM, NEED_GQ, NEED_GP,
-                    SAVE_STATS, SMOOTH)
-
-
-@triton.jit
-def shared_merge_kernel(
-    Q, NEG, POS, POS_IDX, POS_LOG_Q, ROW_SCALE, LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI,
-    COEF_MAX, WS, WS_ACC, WS_VSUM,
-    R, N, d, n_splits, stride_qr, stride_qd, stride_nn, stride_nd, stride_pr, stride_pd,
-    inv_tau, log2_eps, lam, mu, beta, neg_weight, smooth, z_loss,
-    KIND: tl.constexpr, HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_EPS: tl.constexpr,
-    HAS_POS_LOG_Q: tl.constexpr, NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr,
-    SAVE_STATS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Second kernel of a split rows pass: the rows of one block (its own, smaller BLOCK_R) start
-    from the positive's term (``init_state``), fold the ``n_splits`` partial states in the fixed
-    order s = 0, 1, … (``merge_partials``: no atomics, bit-identical run to run), and finish as the
-    unsplit pass does (:func:`finish_rows`). Reads O(S·BLOCK_R·d) floats per block."""
-    rows64, rmask, offs_d64, dmask, _, s_pos = row_block(
-        Q, POS, POS_IDX, NEG, POS_LOG_Q, tl.program_id(0), R, N, d, stride_qr, stride_qd, stride_nn, stride_nd,
-        stride_pr, stride_pd, inv_tau, HAS_POS, POS_FROM_TABLE, HAS_POS_LOG_Q, BLOCK_R, BLOCK_D)
-    m, a, b = init_state(s_pos, log2_eps, KIND, HAS_EPS)
-    m, a, b, cnt, ssum, acc, vsum = merge_partials(WS, WS_ACC, WS_VSUM, n_splits, R, rows64, rmask, offs_d64, dmask,
-                                                   d, m, a, b, KIND, NEED_GQ, SMOOTH, BLOCK_D)
-    finish_rows(rows64, rmask, offs_d64, dmask, m, a, b, cnt, s_pos, ssum, acc, vsum, Q, NEG, POS, POS_IDX,
-                ROW_SCALE, LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI, COEF_MAX, N, d,
-                stride_qr, stride_qd, stride_nn, stride_nd, stride_pr, stride_pd, inv_tau, log2_eps, lam, mu, beta,
-                neg_weight, smooth, z_loss, KIND, HAS_POS, POS_FROM_TABLE, HAS_EPS, NEG_SUM, NEED_GQ, NEED_GP,
-                SAVE_STATS, SMOOTH)
+        loss, shift, coef, g_pos, uni = finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight,
+                                                 smooth, z_loss, KIND, HAS_POS, HAS_EPS, NEG_SUM)
+        scale = tl.zeros([BLOCK_R], dtype=tl.float32)
+        if NEED_GQ or NEED_GP or SAVE_STATS:
+            scale = tl.load(ROW_SCALE + rows64, mask=rmask, other=0.0).to(tl.float32) * inv_tau
+        store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef, g_pos, uni, vsum, scale,
+                          Q=Q, stride_qr=stride_qr, stride_qd=stride_qd, POS=POS, stride_pr=stride_pr,
+                          stride_pd=stride_pd, POS_IDX=POS_IDX, TABLE=NEG, stride_tr=stride_nn, stride_td=stride_nd,
+                          n_table=N, LOSS=LOSS, GRAD_Q=GRAD_Q, GRAD_P=GRAD_P, ROW_SHIFT=ROW_SHIFT,
+                          ROW_COEF=ROW_COEF, ROW_GPOS=ROW_GPOS, ROW_UNI=ROW_UNI, HAS_POS=HAS_POS,
+                          POS_FROM_TABLE=POS_FROM_TABLE, NEED_GQ=NEED_GQ, NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS,
+                          ACC_SCALED=False, STATS_SCALED=True, SMOOTH=SMOOTH)
+        if SAVE_STATS:
+            big = tl.maximum(tl.maximum(tl.abs(coef * scale), tl.abs(g_pos * scale)), tl.abs(uni * scale))
+            tl.atomic_max(COEF_MAX, tl.max(tl.where(rmask, big, 0.0), 0))
 
 
 @triton.jit

@@ -19,8 +19,8 @@ from fastrecloss.kernels import config
 from fastrecloss.backends import triton_aot as aot
 from fastrecloss.cli import kernels as kernels_cli
 
-KERNELS = {"shared_rows_kernel", "shared_items_kernel", "shared_merge_kernel", "rows_kernel", "item_segment_kernel",
-           "ranking_kernel"}
+KERNELS = {"shared_rows_kernel", "shared_items_kernel", "shared_rows_kernel:merge", "rows_kernel",
+           "item_segment_kernel", "ranking_kernel"}
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,8 @@ def _split_launches(plans: list[triton_plan.Plan]) -> list[int]:
         names = [s.name for s in pl.launches]
         for i, step in enumerate(pl.launches):
             if step.name == "shared_rows_kernel" and step.args["SPLIT"]:
-                assert names[i + 1] == "shared_merge_kernel" and pl.launches[i + 1].args["n_splits"] == step.grid[1]
+                merge = pl.launches[i + 1]
+                assert names[i + 1] == "shared_rows_kernel:merge" and merge.args["n_splits"] == step.grid[1]
                 out.append(step.grid[1])
     return out
 
@@ -196,7 +197,7 @@ def test_small_r_splits_the_items_with_an_o_s_r_d_workspace() -> None:
     R, N, d = 256, 50_000, 64
     pl = _catalogue_plan(R, N, d)
     rows, merge, items = pl.launches
-    assert [rows.name, merge.name, items.name] == ["shared_rows_kernel", "shared_merge_kernel", "shared_items_kernel"]
+    assert [s.name for s in pl.launches] == ["shared_rows_kernel", "shared_rows_kernel:merge", "shared_items_kernel"]
     blocks, S = rows.grid
     assert blocks == R // rows.config.block_r == 4 and rows.args["SPLIT"]
     n_tiles = -(-N // rows.config.block_n)
@@ -240,7 +241,7 @@ def test_forward_only_split_has_no_accumulator_workspace() -> None:
     pl = triton_plan.plan(p, LossSpec(Kind.BPR), None, (False, False, False), False, emulate_dot=False)
     rows, merge = pl.launches
     assert rows.args["SPLIT"] and rows.args["WS_ACC"] is None and rows.args["LAZY_TH"] == 0.0
-    assert merge.name == "shared_merge_kernel"
+    assert merge.name == "shared_rows_kernel:merge"
 
 
 

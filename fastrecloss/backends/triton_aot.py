@@ -185,7 +185,7 @@ def split_cases(kinds: tuple[str, ...], cap: int = 90) -> list[tuple[str, list]]
                                            and "nomask" not in label):
             plan = launch_mod.plan(problem, spec, torch.empty(problem.R, device="meta"), (True, True, True), det,
                                    emulate_dot=False, arch=cap)
-            split = [s for s in plan.launches if s.name == "shared_merge_kernel" or s.args.get("SPLIT")]
+            split = [s for s in plan.launches if s.name == "shared_rows_kernel:merge" or s.args.get("SPLIT")]
             if split:
                 out.append((f"{label.replace('shared', 'shared-split', 1)} d={problem.d} N={problem.N}", split))
     return out
@@ -202,7 +202,7 @@ def scores_per_iteration(launch: Any) -> int:
     """Score elements one iteration of the kernel's steady-state loop covers (one tile, or one
     reference per lane of the segment pass)."""
     cfg = launch.config
-    if launch.name == "shared_merge_kernel":  # one partial row state (and its d floats) per row and split
+    if launch.name == "shared_rows_kernel:merge":  # one partial row state (and its d floats) per row and split
         return cfg.block_r
     return cfg.block_r if launch.name == "item_segment_kernel" else cfg.block_r * cfg.block_n
 

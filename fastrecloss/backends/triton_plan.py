@@ -41,7 +41,7 @@ from ..kernels.config import (
 )
 from ..kernels.indexed import item_segment_kernel
 from ..kernels.per_row import rows_kernel
-from ..kernels.shared import shared_items_kernel, shared_merge_kernel, shared_rows_kernel
+from ..kernels.shared import shared_items_kernel, shared_rows_kernel
 
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -55,7 +55,8 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return self.kernel.__name__
+        """The kernel's name; the merge launch of a split shared rows pass is ``shared_rows_kernel:merge``."""
+        return self.kernel.__name__ + (":merge" if self.args.get("MERGE") else "")
 
     def run(self) -> None:
         cfg = self.config
@@ -190,7 +191,7 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
     """The rows pass, then the items pass for ∂/∂neg. With at most half as many row blocks as SMs
     the rows pass is split (flash-decoding, ``config.split_count``): grid (row blocks, S), each
     program streaming its share of the item tiles into fp32 partials (``WS`` [S, 5, R], ``WS_ACC`` /
-    ``WS_VSUM`` [S, R, d]: O(S·R·d)), then ``shared_merge_kernel`` finishes the rows."""
+    ``WS_VSUM`` [S, R, d]: O(S·R·d)), then the same kernel with MERGE finishes the rows."""
     pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
     rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs, arch=arch)
     if common["HIT_POS"] is not None and p.N > 0:
@@ -202,8 +203,9 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
     coef_max = torch.zeros(1, dtype=torch.float32, device=dev) if out.grad_neg is not None else None
     args = dict(common, COEF_MAX=coef_max, stride_nn=p.neg.stride(0), stride_nd=p.neg.stride(1),
                 stride_mr=stride_mr, stride_mn=stride_mn, MASK_MODE=mask_mode, BLOCK_D=rows_cfg.block_d,
-                DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), SPLIT=False, split_n=p.N, WS=None, WS_ACC=None,
-                WS_VSUM=None, LAZY_TH=lazy_rescale(common["KIND"], p.query.dtype, rows_cfg))
+                DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), SPLIT=False, MERGE=False, split_n=p.N,
+                n_splits=1, WS=None, WS_ACC=None, WS_VSUM=None,
+                LAZY_TH=lazy_rescale(common["KIND"], p.query.dtype, rows_cfg))
     row_blocks = triton.cdiv(p.R, rows_cfg.block_r)
     n_splits, per_split = split_count(row_blocks, triton.cdiv(p.N, rows_cfg.block_n), sm_count, splits)
     rows = dict(args, BLOCK_R=rows_cfg.block_r, BLOCK_N=rows_cfg.block_n)
@@ -219,9 +221,10 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
         out.launches.append(Launch(shared_rows_kernel, (row_blocks, n_splits), _bind(shared_rows_kernel, rows),
                                    rows_cfg))
         merge_cfg = merge_config(p.d)
-        merge = dict(args, **ws, n_splits=n_splits, BLOCK_R=merge_cfg.block_r, BLOCK_D=merge_cfg.block_d)
-        out.launches.append(Launch(shared_merge_kernel, (triton.cdiv(p.R, merge_cfg.block_r),),
-                                   _bind(shared_merge_kernel, merge), merge_cfg))
+        merge = dict(rows, MERGE=True, SPLIT=False, n_splits=n_splits, BLOCK_R=merge_cfg.block_r,
+                     BLOCK_N=merge_cfg.block_n, BLOCK_D=merge_cfg.block_d)
+        out.launches.append(Launch(shared_rows_kernel, (triton.cdiv(p.R, merge_cfg.block_r),),
+                                   _bind(shared_rows_kernel, merge), merge_cfg))
     if out.grad_neg is not None and p.N > 0:
         items = dict(args, BLOCK_R=items_cfg.block_r, BLOCK_N=items_cfg.block_n)
         out.launches.append(Launch(shared_items_kernel, (triton.cdiv(p.N, items_cfg.block_n),),
