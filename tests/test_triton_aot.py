@@ -153,3 +153,14 @@ def test_launch_signature_matches_the_runtime_specialisation() -> None:
     assert signature["stride_qd"] == "constexpr" and constexprs["stride_qd"] == 1
     assert signature["R"] == "i32" and attrs[(names.index("R"),)] == [["tt.divisibility", 16]]
     assert constexprs["KIND"] == 0 and constexprs["DOT_DT"] is not None
+
+
+def test_split_rows_pass_and_merge_compile_with_warp_group_mma(results: list[aot.Result]) -> None:
+    """The small-R split rows pass (every option, bf16) keeps HGMMA on sm_90 wherever its tile has 64
+    rows, and its merge launch compiled for every d."""
+    split90 = [r for r in results if r.arch == "sm_90" and r.variant.startswith("shared-split contrastive bf16")]
+    rows = [r for r in split90 if r.kernel == "shared_rows_kernel"]
+    merges = [r for r in split90 if r.kernel == "shared_rows_kernel:merge"]
+    assert len(rows) == len(merges) == len(config.AOT_D)
+    for r in rows:
+        assert r.sass["hgmma_in_loop"] == (int(r.variant.split(" R")[-1].split("x")[0]) >= 64), r.variant
