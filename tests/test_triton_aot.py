@@ -3,8 +3,13 @@
 ``fastrecloss.backends.triton_aot.run_isolated`` compiles, in a fresh interpreter without TRITON_INTERPRET, exactly the
 launches the runtime plans for a representative problem per configuration (every option on, every
 gradient), and reads registers and spills from each cubin with ``cuobjdump``. All configurations
-are defaults of ``kernels/config.py``, so none may spill. Measured here: ~1 min for the ~116
-compilations with 2 workers on a cold Triton cache, seconds on a warm one.
+are defaults of ``kernels/config.py``, so none may spill.
+
+The default run compiles the cases of one d (``DEFAULT_DIMS``: every layout and option set, both
+dtypes, both archs — 60 of the ~300 compilations, so a spill in a common tile still fails it); the
+full matrix over every d of ``config.AOT_D`` is the ``aot_full`` marker, which CI runs after the
+default run (``python3 dev.py test -m aot_full tests/test_triton_aot.py``). Seconds on a warm
+Triton cache.
 """
 
 from __future__ import annotations
@@ -20,17 +25,25 @@ from fastrecloss.backends import triton_aot as aot
 from fastrecloss.cli import kernels as kernels_cli
 
 KERNELS = {"shared_rows_kernel", "shared_items_kernel", "rows_kernel", "item_segment_kernel", "ranking_kernel"}
+DEFAULT_DIMS = (64,)
+
+
+@pytest.fixture(scope="module", params=[pytest.param(DEFAULT_DIMS, id="d64"),
+                                        pytest.param(config.AOT_D, id="every-d", marks=pytest.mark.aot_full)])
+def aot_dims(request: pytest.FixtureRequest) -> tuple[int, ...]:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def results() -> list[aot.Result]:
-    return aot.run_isolated(("contrastive",), aot.ARCHS, workers=2, sass=True)
+def results(aot_dims: tuple[int, ...]) -> list[aot.Result]:
+    dims = None if aot_dims == config.AOT_D else aot_dims
+    return aot.run_isolated(("contrastive",), aot.ARCHS, workers=2, sass=True, dims=dims)
 
 
-def _expected_tiles() -> set[str]:
-    """The tile of every configuration the heuristics produce for the AOT shapes."""
+def _expected_tiles(dims: tuple[int, ...] = config.AOT_D) -> set[str]:
+    """The tile of every configuration the heuristics produce for the AOT shapes of these d."""
     tiles = set()
-    for d in config.AOT_D:
+    for d in dims:
         for dtype in config.AOT_DTYPES:
             if d <= config.max_d("shared", dtype):
                 for smooth, pairs, arch in itertools.product((False, True), (False, True), aot.ARCHS):
@@ -51,14 +64,16 @@ def _expected_tiles() -> set[str]:
     return tiles
 
 
-def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[aot.Result]) -> None:
+def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[aot.Result],
+                                                               aot_dims: tuple[int, ...]) -> None:
     assert {r.kernel for r in results} == KERNELS
     # the same problems and kernels for both archs (tiles may differ per arch: strip them)
     by_arch = {arch: {(r.kernel, r.variant.rsplit(" ", 2)[0]) for r in results if r.arch == arch}
                for arch in ("sm_80", "sm_90")}
     assert by_arch["sm_80"] == by_arch["sm_90"] and by_arch["sm_80"]
     compiled_tiles = {r.variant.rsplit(" ", 2)[-2] + " " + r.variant.rsplit(" ", 1)[-1] for r in results}
-    assert compiled_tiles == _expected_tiles()
+    assert compiled_tiles == _expected_tiles(aot_dims)
+    assert {int(r.variant.split(" d=")[1].split()[0]) for r in results} == set(aot_dims)
     # every layout, both dtypes of the shared layout, and both indexed item-gradient paths
     variants = " | ".join(r.variant for r in results)
     for label in ("shared contrastive bf16", "shared contrastive fp32", "per_row contrastive",

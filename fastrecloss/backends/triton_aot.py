@@ -212,9 +212,10 @@ def _compile(job: tuple[tuple[str, ...], int, int, int, bool]) -> Result:
     return compile_launch(launches[index], cap, label, sass)
 
 
-def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
-         sass: bool = False) -> list[tuple[tuple[str, ...], int, int, int, bool]]:
-    """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile."""
+def jobs(kinds: tuple[str, ...], archs: tuple[int, ...], sass: bool = False,
+         dims: tuple[int, ...] | None = None) -> list[tuple[tuple[str, ...], int, int, int, bool]]:
+    """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile
+    (``dims``: only the cases of those embedding dimensions d)."""
     from . import triton_plan as launch_mod
 
     if type(launch_mod.shared_rows_kernel).__name__ == "InterpretedFunction":
@@ -222,7 +223,10 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
     seen, out = set(), []
     for case in range(len(cases(kinds)) + len(_extra_cases())):
         for cap in archs:
-            for index, step in enumerate(_launches(kinds, case, cap)[1]):
+            label, launches = _launches(kinds, case, cap)
+            if dims is not None and int(re.search(r" d=(\d+)", label).group(1)) not in dims:
+                break
+            for index, step in enumerate(launches):
                 key = (step.name, repr(_signature(step)), step.config, cap)
                 if key not in seen:
                     seen.add(key)
@@ -231,9 +235,9 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
 
 
 def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS,
-                workers: int = 1, sass: bool = False) -> Iterator[Result]:
+                workers: int = 1, sass: bool = False, dims: tuple[int, ...] | None = None) -> Iterator[Result]:
     """Compile every job of :func:`jobs`, yielding results in job order as they complete."""
-    todo = jobs(kinds, archs, sass)
+    todo = jobs(kinds, archs, sass, dims)
     if workers <= 1:
         yield from map(_compile, todo)
         return
@@ -242,11 +246,12 @@ def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...
 
 
 def run_isolated(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS, workers: int = 1,
-                 progress: bool = False, sass: bool = False) -> list[Result]:
+                 progress: bool = False, sass: bool = False, dims: tuple[int, ...] | None = None) -> list[Result]:
     """:func:`compile_all` in a fresh Python without TRITON_INTERPRET (streamed back as JSON lines)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fastrecloss.backends.triton_aot", "--jsonl", "--workers", str(workers),
-           "--kinds", *kinds, "--archs", *map(str, archs), *(["--sass"] if sass else [])]
+           "--kinds", *kinds, "--archs", *map(str, archs), *(["--sass"] if sass else []),
+           *(["--dims", *map(str, dims)] if dims is not None else [])]
     results: list[Result] = []
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
                                                                text=True) as proc:
@@ -284,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--jsonl", action="store_true", help="print the job count, then one JSON line per result")
     parser.add_argument("--sass", action="store_true", help="also count the steady-state loop's instructions")
+    parser.add_argument("--dims", nargs="+", type=int, help="only the cases of these d (default: every AOT_D)")
     args = parser.parse_args(argv)
-    kinds, archs = tuple(args.kinds), tuple(args.archs)
+    kinds, archs, dims = tuple(args.kinds), tuple(args.archs), tuple(args.dims) if args.dims else None
     if not args.jsonl:
-        print(format_table(list(compile_all(kinds, archs, args.workers, args.sass))))
+        print(format_table(list(compile_all(kinds, archs, args.workers, args.sass, dims))))
         return 0
-    print(json.dumps({"total": len(jobs(kinds, archs, args.sass))}), flush=True)
-    for result in compile_all(kinds, archs, args.workers, args.sass):
+    print(json.dumps({"total": len(jobs(kinds, archs, args.sass, dims))}), flush=True)
+    for result in compile_all(kinds, archs, args.workers, args.sass, dims):
         print(json.dumps(asdict(result)), flush=True)
     return 0
 
