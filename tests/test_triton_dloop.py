@@ -1,0 +1,59 @@
+"""Issue #12: the K loop over d of the per-row and indexed layouts (any d, no power-of-two padding
+beyond the last chunk). The kernels run in the interpreter (conftest.py) on small R, N."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastrecloss.kernels import config
+from helpers import CASES, check_case, make_inputs
+
+from fastrecloss.backends import triton as triton_backend
+
+pytestmark = pytest.mark.skipif(not triton_backend.interpreting(),
+                                reason="the kernels run on CPU only under TRITON_INTERPRET=1 (set by conftest.py)")
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize(("d", "chunk"), [(96, 32), (192, 64), (320, 64), (384, 128), (1000, 128), (4096, 128),
+                                          (100, 16), (64, 64), (256, 256), (33, 64)])
+def test_gathered_block_d(d: int, chunk: int) -> None:
+    """Register tile up to d = 64 and for powers of two up to 256; else a chunk that pads ≤ d/8."""
+    assert config.gathered_block_d(d) == chunk
+    cfg = config.gathered_config(d, 1000, "indexed", BF16)
+    assert cfg.block_d == chunk and cfg.block_r * cfg.block_n * cfg.block_d <= config.GATHER_TILE
+    if chunk < d:
+        assert -(-d // chunk) * chunk - d <= max(d // 8, 15)
+
+
+DLOOP = [(case, layout, d, dtype) for d in (96, 320) for layout in ("per_row", "indexed")
+         for case, dtype in ((CASES["infonce"], F32), (CASES["bpr"], BF16))]
+
+
+@pytest.mark.parametrize(("case", "layout", "d", "dtype"), DLOOP,
+                         ids=[f"{c.id}-{lay}-d{d}-{str(t)[6:]}" for c, lay, d, t in DLOOP])
+def test_k_loop_matches_oracle(case, layout: str, d: int, dtype: torch.dtype, gen: torch.Generator) -> None:
+    """Loss and every gradient at d = 96 (3 chunks of 32) and 320 (5 of 64), every option."""
+    opts = dict(log_q=True, hits=True, mask="row", weight=True, pos_idx=layout == "indexed")
+    check_case(case, "triton", make_inputs(layout, 5, 6, d, gen=gen, dup=True, **opts), dtype)
+
+
+@pytest.mark.parametrize("layout", ["per_row", "indexed"])
+def test_k_loop_loss_and_query_gradient_only(layout: str, gen: torch.Generator) -> None:
+    """∂q without ∂neg (a single pass with d in registers) takes the two-pass route with the K loop;
+    label smoothing and a random upstream gradient with reduction='none'."""
+    inputs = make_inputs(layout, 4, 5, 96, gen=gen, log_q=True, pos_idx=layout == "indexed")
+    up = torch.rand(4, generator=gen)
+    check_case(CASES["infonce"], "triton", inputs, F32, grad_of=("query",), reduction="none", upstream=up)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("layout", ["per_row", "indexed"])
+def test_k_loop_masked_last_chunk(layout: str, deterministic: bool, gen: torch.Generator) -> None:
+    """d = 200: 7 chunks of 32, the last one 8 wide (masked); the deterministic item-segment pass
+    loops over d too. Colliding references (I = 4)."""
+    assert config.gathered_block_d(200) == 32
+    inputs = make_inputs(layout, 6, 5, 200, gen=gen, dup=True, log_q=True, **(
+        dict(I=4, pos_idx=True) if layout == "indexed" else {}))
+    check_case(CASES["mine_plus"], "triton", inputs, F32, deterministic=deterministic)
