@@ -19,7 +19,8 @@ from fastrecloss.kernels import config
 from fastrecloss.backends import triton_aot as aot
 from fastrecloss.cli import kernels as kernels_cli
 
-KERNELS = {"shared_rows_kernel", "shared_items_kernel", "rows_kernel", "item_segment_kernel", "ranking_kernel"}
+KERNELS = {"shared_rows_kernel", "shared_items_kernel", "rows_kernel", "item_segment_kernel", "segment_merge_kernel",
+           "ranking_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,13 @@ def _expected_tiles() -> set[str]:
                         continue
                     for c in config.shared_configs(d, dtype, smooth, pairs, arch):
                         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+    for d in config.AOT_D + config.AOT_D_GATHERED:
         for n in config.AOT_N:
             c = config.gathered_config(d, n)
             tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
         c = config.segment_config(d)
         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+    for d in config.AOT_D:
         for dtype in config.AOT_DTYPES:  # the full-ranking kernel: rank count and every top-k width
             if d <= config.max_d("shared", dtype):
                 for k in (None, *config.TOPK_WIDTHS):
@@ -63,7 +66,8 @@ def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[ao
     variants = " | ".join(r.variant for r in results)
     for label in ("shared contrastive bf16", "shared contrastive fp32", "per_row contrastive",
                   "indexed contrastive bf16 d=", "indexed contrastive bf16 det", "ranking rank float32",
-                  "ranking topk k=256 bfloat16"):
+                  "ranking topk k=256 bfloat16", *(f"per_row contrastive bf16 d={d} " for d in config.AOT_D_GATHERED),
+                  *(f"indexed contrastive bf16 det d={d} " for d in config.AOT_D_GATHERED)):
         assert label in variants, label
 
 
