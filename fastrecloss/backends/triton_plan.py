@@ -6,13 +6,15 @@ and the ahead-of-time compiler (``fastrecloss/backends/triton_aot.py``, which pl
 only the outputs ([R] losses, [R, d] query/positive gradients, the item gradient in the shape of
 ``neg``), the fp32 [4, R] row statistics when a later pass needs them (plus one float, the
 largest row coefficient, for the shared item pass), and, in deterministic indexed mode, the int64
-sort of the item references (``kernels/indexed.py``).
+sort of the item references and the fp32 [2·⌈E/SEGMENT_CHUNK⌉, d] partial sums of the segments
+that cross chunks (``kernels/indexed.py``).
 
 Passes over the negatives. Shared layout: the rows pass, plus the items pass for ∂/∂neg. Gathered
 layouts (per-row, indexed): the forward is one state pass that can save the row statistics
 (``save_state``, O(R) floats); the backward given them (``state``) is one gradient pass that
 writes ∂/∂q, ∂/∂p and ∂/∂neg — two reads of the negatives per forward+backward. A plan with a row
-scale and no saved state (the fused scalar op, direct calls) does both passes itself.
+scale and no saved state (the fused scalar op, direct calls) does both passes itself (one pass
+when ∂neg is not wanted, unless d needs the K loop, whose state pass computes no gradient).
 """
 
 from __future__ import annotations
