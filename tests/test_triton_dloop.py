@@ -57,3 +57,22 @@ def test_k_loop_masked_last_chunk(layout: str, deterministic: bool, gen: torch.G
     inputs = make_inputs(layout, 6, 5, 200, gen=gen, dup=True, log_q=True, **(
         dict(I=4, pos_idx=True) if layout == "indexed" else {}))
     check_case(CASES["mine_plus"], "triton", inputs, F32, deterministic=deterministic)
+
+
+def test_k_loop_plans_two_passes_for_the_query_gradient() -> None:
+    """With d in registers, ∂q alone is one pass; with the K loop the state pass computes no gradient,
+    so the gradient pass follows (planned on the meta device, nothing runs)."""
+    from fastrecloss._problem import Problem
+    from fastrecloss._spec import Kind, LossSpec
+    from fastrecloss.backends import triton_plan
+
+    def meta(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    for d, passes in ((128, [False]), (96, [False, True]), (4096, [False, True])):
+        p = Problem("per_row", meta(64, d), meta(64, 100, d), meta(64, d))
+        plan = triton_plan.plan(p, LossSpec(Kind.CONTRASTIVE), meta(64, dtype=F32), (True, True, False), False,
+                                emulate_dot=False)
+        assert [s.args["FROM_STATS"] for s in plan.launches] == passes, d
+        assert all(s.args["D_LOOP"] == (d != 128) for s in plan.launches)
+        assert plan.launches[-1].args["BLOCK_D"] == config.gathered_block_d(d)
