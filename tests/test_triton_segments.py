@@ -47,8 +47,10 @@ def _oracle_table_grad(p: Problem, spec: LossSpec, row_scale: torch.Tensor) -> t
     return table.grad
 
 
-@pytest.mark.parametrize("chunk", [3, 16, 128])
-@pytest.mark.parametrize("spec", list(SPECS.values()), ids=list(SPECS))
+ZIPF = [("infonce_plus", 3), ("bce", 16), ("infonce_plus", 128)]
+
+
+@pytest.mark.parametrize(("spec", "chunk"), [(SPECS[k], c) for k, c in ZIPF], ids=[f"{k}-{c}" for k, c in ZIPF])
 def test_zipf_hot_item_matches_oracle_and_atomics(spec: LossSpec, chunk: int, gen: torch.Generator,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """One item holds ~80 % of the E = R·N + R = 120 references: with CHUNK = 3 its segment is ~30
