@@ -76,3 +76,26 @@ def test_k_loop_plans_two_passes_for_the_query_gradient() -> None:
         assert [s.args["FROM_STATS"] for s in plan.launches] == passes, d
         assert all(s.args["D_LOOP"] == (d != 128) for s in plan.launches)
         assert plan.launches[-1].args["BLOCK_D"] == config.gathered_block_d(d)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_k_loop_label_smoothing_and_z_loss(deterministic: bool, gen: torch.Generator) -> None:
+    """The uniform label-smoothing term and the z-loss through the K loop (indexed, pos_idx, [R, N] mask)."""
+    import dataclasses
+
+    from fastrecloss._problem import Problem
+    from fastrecloss._spec import Kind, LossSpec
+    from fastrecloss.backends import reference
+
+    R, N, I, d = 6, 7, 12, 96  # noqa: E741
+    p = Problem("indexed", torch.randn(R, d, generator=gen) * 0.3, torch.randn(I, d, generator=gen) * 0.3,
+                neg_idx=torch.randint(0, I, (R, N), generator=gen), pos_idx=torch.randint(0, I, (R,), generator=gen),
+                neg_mask=torch.rand(R, N, generator=gen) < 0.2)
+    spec = LossSpec(Kind.CONTRASTIVE, eps=1.0, label_smoothing=0.1, z_loss=1e-3)
+    row_scale = torch.rand(R, generator=gen)
+    loss, gq, _, gn = triton_backend.forward_backward(p, spec, row_scale, (True, False, True), deterministic)
+    q, table = p.query.double().requires_grad_(), p.neg.double().requires_grad_()
+    rows = reference.row_losses(dataclasses.replace(p, query=q, neg=table), spec)
+    (rows * row_scale.double()).sum().backward()
+    for got, want in ((loss, rows.detach()), (gq, q.grad), (gn, table.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
