@@ -99,3 +99,11 @@ def test_k_loop_label_smoothing_and_z_loss(deterministic: bool, gen: torch.Gener
     (rows * row_scale.double()).sum().backward()
     for got, want in ((loss, rows.detach()), (gq, q.grad), (gn, table.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("layout", "d", "chunk"), [("indexed", 1024, 128), ("per_row", 513, 64)])
+def test_large_d_beyond_the_old_limit(layout: str, d: int, chunk: int, gen: torch.Generator) -> None:
+    """d > 256 was refused before the K loop: 8 chunks of 128, and 513 = 9 chunks of 64, the last 1 wide."""
+    assert config.gathered_block_d(d) == chunk
+    inputs = make_inputs(layout, 3, 4, d, gen=gen, log_q=True, **({"pos_idx": True} if layout == "indexed" else {}))
+    check_case(CASES["infonce"], "triton", inputs, F32)
