@@ -75,7 +75,7 @@ def test_bit_identical_run_to_run_and_across_launch_grids(gen: torch.Generator,
     spec = SPECS["infonce_plus"]
     first = _table_grad(p, spec, row_scale, True)
     assert torch.equal(first, _table_grad(p, spec, row_scale, True))
-    for lanes in (3, 64):
+    for lanes in (2, 64):
         monkeypatch.setattr(triton_plan, "segment_config", lambda d, lanes=lanes: config.TileConfig(
             lanes, 1, config.gathered_block_d(d)))
         plan = triton_plan.plan(p, spec, row_scale, (True, False, True), True, emulate_dot=True)
