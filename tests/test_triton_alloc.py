@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastrecloss.kernels import config
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -108,7 +109,9 @@ def test_planned_allocations_at_issue_sizes(layout: str, deterministic: bool) ->
         shapes = [shape for _, _, shape, _ in rec.allocations]
         # losses, ∂/∂q, ∂/∂neg, the [4, R] row stats and (shared) the one-float largest row coefficient
         expected = {(p.R,), (p.R, p.d), tuple(p.neg.shape), (4, p.R), (1,)}
-        if deterministic and layout == "indexed":  # the int64 sort of the R·N + R item references
-            expected |= {(p.R * p.N,), (p.R * p.N + p.R,)}
+        if deterministic and layout == "indexed":  # the int64 sort of the R·N + R item references and the
+            # fp32 partial sums of the segments that cross chunks: 2 per chunk of SEGMENT_CHUNK references
+            chunks = -(-(p.R * p.N + p.R) // config.SEGMENT_CHUNK)
+            expected |= {(p.R * p.N,), (p.R * p.N + p.R,), (2 * chunks, p.d)}
         assert set(shapes) <= expected, set(shapes) - expected
         assert plan.launches

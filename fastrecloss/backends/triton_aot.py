@@ -9,7 +9,8 @@ target=GPUTarget("cuda", cap, 32))`` and its cubin is read with ``cuobjdump
 bytes (> 0 means spills), plus the shared memory Triton reserves.
 
 The configurations are the tiles the heuristics of ``kernels/config.py`` give for
-``AOT_D`` × ``AOT_DTYPES`` (shared) and ``AOT_D`` × ``AOT_N`` (per-row, indexed, segment pass) —
+``AOT_D`` × ``AOT_DTYPES`` (shared) and ``AOT_D`` + ``AOT_D_GATHERED`` × ``AOT_N`` (per-row, indexed,
+segment passes; the second set of d runs the K loop over d) —
 all of them are *default* configurations, and the test suite asserts zero spills for each.
 
 Kernels must be decorated without ``TRITON_INTERPRET``; :func:`run_isolated` therefore runs the
@@ -85,14 +86,14 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
     """(label, problem, spec, deterministic) for every configuration of :mod:`kernels.config`."""
     from .._problem import Problem
     from .._spec import Kind, LossSpec
-    from ..kernels.config import AOT_D, AOT_DTYPES, AOT_N, max_d
+    from ..kernels.config import AOT_D, AOT_D_GATHERED, AOT_DTYPES, AOT_N, max_d
 
     out = []
     for kind in kinds:
         spec = LossSpec(Kind(KINDS[kind]), eps=1.0)
-        for d in AOT_D:
+        for d in AOT_D + AOT_D_GATHERED:  # the second set: the gathered layouts' K loop over d only
             for dtype in AOT_DTYPES:
-                if d > max_d("shared", dtype):
+                if d not in AOT_D or d > max_d("shared", dtype):
                     continue
                 out.append((f"shared {kind} {_TYPES[dtype]}", _meta_problem("shared", d, 1024, dtype), spec, False))
             for n in AOT_N:
@@ -180,7 +181,8 @@ def scores_per_iteration(launch: Any) -> int:
     """Score elements one iteration of the kernel's steady-state loop covers (one tile, or one
     reference per lane of the segment pass)."""
     cfg = launch.config
-    return cfg.block_r if launch.name == "item_segment_kernel" else cfg.block_r * cfg.block_n
+    lanes = launch.name in ("item_segment_kernel", "segment_merge_kernel")  # a reference / a partial per lane
+    return cfg.block_r if lanes else cfg.block_r * cfg.block_n
 
 
 def compile_launch(launch: Any, cap: int, variant: str = "", sass: bool = False) -> Result:
