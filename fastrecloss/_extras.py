@@ -142,6 +142,16 @@ def prepare(fn: str, query: Tensor, pos: Tensor | None, neg: Tensor | None, comm
     return query, pos, neg, common
 
 
+def _in_rows(ids: Tensor, sets: Tensor) -> Tensor:
+    """``ids[r, j] ∈ sets[r, :]`` as a bool [R, N], by a sorted search per row: O(R·N + R·P) memory,
+    never the R×N×P comparison."""
+    if sets.shape[1] == 0:
+        return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    ids, ordered = ids.to(torch.int64).contiguous(), sets.to(torch.int64).sort(dim=1).values
+    at = torch.searchsorted(ordered, ids).clamp_max(sets.shape[1] - 1)
+    return ordered.gather(1, at) == ids
+
+
 def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: dict[str, Any],
                    lse: Any) -> Tensor:
     """Several positives per row (``pos_idx`` [R, P]); ``lse`` is the public ``sampled_logsumexp``."""
@@ -154,9 +164,14 @@ def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: 
     if neg is None or pos_idx.is_floating_point() or pos_idx.shape[0] != query.shape[0]:
         raise ValueError(f"pos_idx [R, P] indexes the item table neg with R = {query.shape[0]} rows")
     num_items, R = neg.shape[0], query.shape[0]
+    neg_idx = common.get("neg_idx")
+    if neg_idx is not None and (not isinstance(neg_idx, Tensor) or neg_idx.dim() != 2 or neg_idx.shape[0] != R
+                                or neg_idx.is_floating_point()):
+        got = f"{neg_idx.dtype} {tuple(neg_idx.shape)}" if isinstance(neg_idx, Tensor) else type(neg_idx).__name__
+        raise ValueError(f"neg_idx must be an int tensor of shape [R, N] with R = {R}, got {got}")
     ignore = common.pop("ignore_index", IGNORE_INDEX)
     weight, reduction = common.pop("weight", None), common.pop("reduction", "mean")
-    tau, log_q, neg_idx = common.get("temperature", 1.0), common.get("log_q"), common.get("neg_idx")
+    tau, log_q = common.get("temperature", 1.0), common.get("log_q")
     pos_log_q = common.pop("pos_log_q", None)
     valid = (pos_idx >= 0) & (pos_idx < num_items) & (pos_idx != (ignore if ignore is not None else -1))
     safe = torch.where(valid, pos_idx, 0).to(torch.int64)
@@ -175,7 +190,7 @@ def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: 
     mask = common.pop("neg_mask", None)
     if fn != "softmax_ce":  # every positive leaves the negatives
         if neg_idx is not None:
-            hit = (neg_idx.unsqueeze(-1) == torch.where(valid, pos_idx, -1).unsqueeze(1)).any(-1)
+            hit = _in_rows(neg_idx, torch.where(valid, pos_idx, -1))
         else:
             hit = torch.zeros(R, num_items + 1, dtype=torch.bool, device=query.device)
             hit.scatter_(1, torch.where(valid, safe, num_items), True)

@@ -6,8 +6,12 @@ Every kernel keeps its tiles in registers, so the budget that matters is registe
 sm_80 and sm_90 with zero spills, for the heaviest option set (logQ, [R, N] mask, accidental hits,
 positives from the table, every gradient), and the test suite asserts it.
 
-* ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in registers (the
-  shared layout needs ≥ 16 for ``tl.dot``), hence a maximum d (:func:`max_d`).
+* shared layout: ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in
+  registers (``tl.dot`` needs ≥ 16), hence a maximum d (:func:`max_d`).
+* per-row / indexed layouts: any d. Up to d = 64, and for powers of two up to 256, ``BLOCK_D`` =
+  next_pow2(d) holds d in registers; otherwise (:func:`gathered_block_d`) the kernels run a K loop
+  over d in ``BLOCK_D`` chunks (``D_LOOP``; only the last chunk is masked) and keep the ∂q / ∂table
+  accumulator in the program-owned fp32 output rows (see ``kernels/per_row.py``).
 * shared layout (``tl.dot`` tiles, :data:`SHARED_TILES`): one tile per pass. The rows kernel uses
   BLOCK_R as its MMA M dimension, the items kernel BLOCK_N; for 2-byte inputs both are 64, the M of
   one sm_90 warp-group MMA (HGMMA m64nNk16), so both passes run warp-group MMA, with
@@ -20,7 +24,8 @@ positives from the table, every gradient), and the test suite asserts it.
   BLOCK_D] fp32 tile of :data:`GATHER_TILE` elements over 4 warps (16 elements per thread),
   BLOCK_N = min(next_pow2(N), tile/BLOCK_D, 64) negatives per step, and BLOCK_R rows when N is
   small.
-* item-segment pass (deterministic indexed): BLOCK_E lanes × BLOCK_D, ≤ :data:`SEGMENT_TILE`.
+* item-segment pass (deterministic indexed): BLOCK_E lanes × BLOCK_D, ≤ :data:`SEGMENT_TILE`, over
+  chunks of :data:`SEGMENT_CHUNK` sorted references (``kernels/indexed.py``); its merge pass the same.
 * ``num_stages = 1`` for fp32 shared tiles and the gathered layouts (their loads are gathers that
   the pipeliner does not stage); no timing was measured on a GPU (see docs/roofline.md).
 """
@@ -35,6 +40,8 @@ MAX_D = 256
 MAX_D_SHARED_FP32 = 128
 GATHER_TILE = 2048
 SEGMENT_TILE = 2048
+SEGMENT_CHUNK = 128  # sorted references per chunk of the deterministic item-segment pass
+GATHER_DK = (128, 64, 32)  # K-loop chunks of the gathered layouts, largest first
 
 
 @dataclass(frozen=True)
@@ -58,16 +65,19 @@ def _wide(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
 
 
-def max_d(layout: str, dtype: torch.dtype) -> int:
-    return MAX_D_SHARED_FP32 if layout == "shared" and _wide(dtype) else MAX_D
+def max_d(layout: str, dtype: torch.dtype) -> int | None:
+    """Largest d of a layout (None: any d — the per-row and indexed layouts loop over d)."""
+    if layout != "shared":
+        return None
+    return MAX_D_SHARED_FP32 if _wide(dtype) else MAX_D
 
 
 def check_d(d: int, layout: str, dtype: torch.dtype) -> None:
     limit = max_d(layout, dtype)
-    if d > limit:
+    if limit is not None and d > limit:
         raise ValueError(f"backend='triton' supports d <= {limit} for {dtype} inputs in the {layout} layout (the "
-                         f"feature dimension is held in registers), got d = {d}; use backend='torch'"
-                         + (" or bf16 inputs" if limit < MAX_D else ""))
+                         f"feature dimension is held in registers; the per-row and indexed layouts take any d), "
+                         f"got d = {d}; use backend='torch'" + (" or bf16 inputs" if limit < MAX_D else ""))
 
 
 # Shared layout by BLOCK_D: ((BLOCK_R, BLOCK_N, num_warps) of the rows pass, (BLOCK_N, BLOCK_R,
@@ -150,16 +160,29 @@ def merge_config(d: int) -> TileConfig:
     return TileConfig(max(1, min(64, MERGE_TILE // block_d)), 1, block_d, 4)
 
 
+def gathered_block_d(d: int) -> int:
+    """BLOCK_D of the per-row / indexed kernels; < d means a K loop over d (``D_LOOP``).
+
+    d ≤ 64, or a power of two ≤ MAX_D: one register tile (next_pow2(d)). Otherwise the largest
+    chunk of :data:`GATHER_DK` whose last chunk pads d by at most d/8 (d = 96 → 32, 192 → 64,
+    320 → 64, 384 / 1000 / 4096 → 128), else 16: no power-of-two waste beyond the last chunk."""
+    block = next_pow2(d)
+    if d <= 64 or (block == d and d <= MAX_D):
+        return block
+    return next((dk for dk in GATHER_DK if -(-d // dk) * dk - d <= d // 8), 16)
+
+
 def gathered_config(d: int, n: int, layout: str = "per_row", dtype: torch.dtype = torch.float32) -> TileConfig:
     check_d(d, layout, dtype)
-    block_d = next_pow2(d)
+    block_d = gathered_block_d(d)
     block_n = max(1, min(next_pow2(n), GATHER_TILE // block_d, 64))
     block_r = max(1, min(16, GATHER_TILE // (block_n * block_d)))
     return TileConfig(block_r, block_n, block_d, 4)
 
 
 def segment_config(d: int) -> TileConfig:
-    block_d = next_pow2(d)
+    """Lanes (``block_r``) × BLOCK_D of the item-segment pass and of its merge pass."""
+    block_d = gathered_block_d(d)
     return TileConfig(max(1, min(64, SEGMENT_TILE // block_d)), 1, block_d, 4)
 
 
@@ -167,6 +190,7 @@ def segment_config(d: int) -> TileConfig:
 # the heuristics above produce for powers of two d ≤ MAX_D, for 2-byte and 4-byte inputs, and for
 # per-row/indexed both a small and a large N.
 AOT_D = (16, 32, 64, 128, 256)
+AOT_D_GATHERED = (96, 320, 1024)  # per-row / indexed only: the K loop over d (chunks of 32, 64, 128)
 AOT_DTYPES = (torch.bfloat16, torch.float32)
 AOT_N = (8, 1024)
 

@@ -255,3 +255,33 @@ def test_several_positives_backward_is_nan_free_under_anomaly_mode() -> None:
         loss = F.infonce(q, None, table, pos_idx=pos_idx, backend="torch")
         loss.backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(table.grad).all()
+
+
+def test_several_positives_never_build_an_r_by_n_by_p_tensor(gen: torch.Generator) -> None:
+    """Excluding P positives from N sampled negatives is a per-row search, O(R·N + R·P) memory: no op
+    of the forward or backward (torch backend) returns a tensor of R·N·P elements or more."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rows, n, p, items, d = 8, 40, 24, 50, 4  # R·N·P = 7680 > R·N·d, R·I, R·P·d, I·d
+    q = torch.randn(rows, d, generator=gen, requires_grad=True)
+    table = torch.randn(items, d, generator=gen, requires_grad=True)
+    neg_idx = torch.randint(0, items, (rows, n), generator=gen)
+    pos_idx = torch.randint(0, items, (rows, p), generator=gen)
+    pos_idx[1, 5:] = -100
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    with Largest() as seen:
+        loss = F.infonce(q, None, table, neg_idx=neg_idx, pos_idx=pos_idx, backend="torch")
+        loss.backward()
+    assert 0 < seen.numel < rows * n * p, seen.numel
+    with pytest.raises(ValueError, match=r"neg_idx must be an int tensor of shape \[R, N\] with R = 8"):
+        F.infonce(q, None, table, neg_idx=neg_idx[:3], pos_idx=pos_idx, backend="torch")

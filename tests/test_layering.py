@@ -69,7 +69,7 @@ def _is_module(name: str, root: Path) -> bool:
 
 
 PUBLIC_TOP = {"fastrecloss", "fastrecloss.functional", "fastrecloss.modules", "fastrecloss.ranking",
-              "fastrecloss.distributed"}
+              "fastrecloss.distributed", "fastrecloss.sampling"}
 CORE = {"fastrecloss._problem", "fastrecloss._spec", "fastrecloss._ops"}
 
 

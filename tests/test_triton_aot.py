@@ -3,8 +3,15 @@
 ``fastrecloss.backends.triton_aot.run_isolated`` compiles, in a fresh interpreter without TRITON_INTERPRET, exactly the
 launches the runtime plans for a representative problem per configuration (every option on, every
 gradient), and reads registers and spills from each cubin with ``cuobjdump``. All configurations
-are defaults of ``kernels/config.py``, so none may spill. Measured here: ~1 min for the ~116
-compilations with 2 workers on a cold Triton cache, seconds on a warm one.
+are defaults of ``kernels/config.py``, so none may spill.
+
+The default run compiles the cases of one d (``DEFAULT_DIMS``: every kernel, layout and option set,
+both dtypes, both archs — 62 of the 380 compilations, so a spill in a common tile still fails it);
+the full matrix over every d of ``config.AOT_D`` and ``config.AOT_D_GATHERED`` (the gathered K loop)
+is the ``aot_full`` marker, which CI runs after the default run (``python3 dev.py test -m aot_full
+tests/test_triton_aot.py``). Measured here: the full matrix took 11 min with 2 workers on the shared,
+loaded 2-core machine after a kernel change (cold cache for the changed kernels); seconds on a warm
+cache.
 """
 
 from __future__ import annotations
@@ -20,18 +27,27 @@ from fastrecloss.backends import triton_aot as aot
 from fastrecloss.cli import kernels as kernels_cli
 
 KERNELS = {"shared_rows_kernel", "shared_items_kernel", "shared_rows_kernel:merge", "rows_kernel",
-           "item_segment_kernel", "ranking_kernel"}
+           "item_segment_kernel", "segment_merge_kernel", "ranking_kernel"}
+DEFAULT_DIMS = (64,)
+EVERY_D = config.AOT_D + config.AOT_D_GATHERED
+
+
+@pytest.fixture(scope="module", params=[pytest.param(DEFAULT_DIMS, id="d64"),
+                                        pytest.param(EVERY_D, id="every-d", marks=pytest.mark.aot_full)])
+def aot_dims(request: pytest.FixtureRequest) -> tuple[int, ...]:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def results() -> list[aot.Result]:
-    return aot.run_isolated(("contrastive",), aot.ARCHS, workers=2, sass=True)
+def results(aot_dims: tuple[int, ...]) -> list[aot.Result]:
+    dims = None if aot_dims == EVERY_D else aot_dims
+    return aot.run_isolated(("contrastive",), aot.ARCHS, workers=2, sass=True, dims=dims)
 
 
-def _expected_tiles() -> set[str]:
-    """The tile of every configuration the heuristics produce for the AOT shapes."""
+def _expected_tiles(dims: tuple[int, ...] = EVERY_D) -> set[str]:
+    """The tile of every configuration the heuristics produce for the AOT shapes of these d."""
     tiles = set()
-    for d in config.AOT_D:
+    for d in (d for d in config.AOT_D if d in dims):
         for dtype in config.AOT_DTYPES:
             if d <= config.max_d("shared", dtype):
                 for smooth, pairs, arch in itertools.product((False, True), (False, True), aot.ARCHS):
@@ -39,11 +55,15 @@ def _expected_tiles() -> set[str]:
                         continue
                     for c in config.shared_configs(d, dtype, smooth, pairs, arch):
                         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+    for d in (d for d in EVERY_D if d in dims):
         for n in config.AOT_N:
             c = config.gathered_config(d, n)
             tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
-        for c in (config.segment_config(d), config.merge_config(d)):  # the merge kernel of a split rows pass
-            tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+        c = config.segment_config(d)
+        tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+    for d in (d for d in config.AOT_D if d in dims):
+        c = config.merge_config(d)  # the merge launch of a split shared rows pass
+        tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
         for dtype in config.AOT_DTYPES:  # the full-ranking kernel: rank count and every top-k width
             if d <= config.max_d("shared", dtype):
                 for k in (None, *config.TOPK_WIDTHS):
@@ -52,20 +72,24 @@ def _expected_tiles() -> set[str]:
     return tiles
 
 
-def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[aot.Result]) -> None:
+def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[aot.Result],
+                                                               aot_dims: tuple[int, ...]) -> None:
     assert {r.kernel for r in results} == KERNELS
     # the same problems and kernels for both archs (tiles may differ per arch: strip them)
     by_arch = {arch: {(r.kernel, r.variant.rsplit(" ", 2)[0]) for r in results if r.arch == arch}
                for arch in ("sm_80", "sm_90")}
     assert by_arch["sm_80"] == by_arch["sm_90"] and by_arch["sm_80"]
     compiled_tiles = {r.variant.rsplit(" ", 2)[-2] + " " + r.variant.rsplit(" ", 1)[-1] for r in results}
-    assert compiled_tiles == _expected_tiles()
+    assert compiled_tiles == _expected_tiles(aot_dims)
+    assert {int(r.variant.split(" d=")[1].split()[0]) for r in results} == set(aot_dims)
     # every layout, both dtypes of the shared layout, and both indexed item-gradient paths
     variants = " | ".join(r.variant for r in results)
     for label in ("shared contrastive bf16", "shared contrastive fp32", "per_row contrastive",
                   "indexed contrastive bf16 d=", "indexed contrastive bf16 det", "ranking rank float32",
                   "ranking topk k=256 bfloat16", "shared-split contrastive bf16", "shared-split contrastive fp32",
-                  "shared-split contrastive-ls bf16"):
+                  "shared-split contrastive-ls bf16",
+                  *(f"per_row contrastive bf16 d={d} " for d in config.AOT_D_GATHERED if d in aot_dims),
+                  *(f"indexed contrastive bf16 det d={d} " for d in config.AOT_D_GATHERED if d in aot_dims)):
         assert label in variants, label
 
 
@@ -155,12 +179,13 @@ def test_launch_signature_matches_the_runtime_specialisation() -> None:
     assert constexprs["KIND"] == 0 and constexprs["DOT_DT"] is not None
 
 
-def test_split_rows_pass_and_merge_compile_with_warp_group_mma(results: list[aot.Result]) -> None:
+def test_split_rows_pass_and_merge_compile_with_warp_group_mma(results: list[aot.Result],
+                                                               aot_dims: tuple[int, ...]) -> None:
     """The small-R split rows pass (every option, bf16) keeps HGMMA on sm_90 wherever its tile has 64
     rows, and its merge launch compiled for every d."""
     split90 = [r for r in results if r.arch == "sm_90" and r.variant.startswith("shared-split contrastive bf16")]
     rows = [r for r in split90 if r.kernel == "shared_rows_kernel"]
     merges = [r for r in split90 if r.kernel == "shared_rows_kernel:merge"]
-    assert len(rows) == len(merges) == len(config.AOT_D)
+    assert len(rows) == len(merges) == len([d for d in config.AOT_D if d in aot_dims]) > 0
     for r in rows:
         assert r.sass["hgmma_in_loop"] == (int(r.variant.split(" R")[-1].split("x")[0]) >= 64), r.variant

@@ -9,7 +9,8 @@ target=GPUTarget("cuda", cap, 32))`` and its cubin is read with ``cuobjdump
 bytes (> 0 means spills), plus the shared memory Triton reserves.
 
 The configurations are the tiles the heuristics of ``kernels/config.py`` give for
-``AOT_D`` × ``AOT_DTYPES`` (shared) and ``AOT_D`` × ``AOT_N`` (per-row, indexed, segment pass) —
+``AOT_D`` × ``AOT_DTYPES`` (shared) and ``AOT_D`` + ``AOT_D_GATHERED`` × ``AOT_N`` (per-row, indexed,
+segment passes; the second set of d runs the K loop over d) —
 all of them are *default* configurations, and the test suite asserts zero spills for each.
 
 Kernels must be decorated without ``TRITON_INTERPRET``; :func:`run_isolated` therefore runs the
@@ -85,14 +86,14 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
     """(label, problem, spec, deterministic) for every configuration of :mod:`kernels.config`."""
     from .._problem import Problem
     from .._spec import Kind, LossSpec
-    from ..kernels.config import AOT_D, AOT_DTYPES, AOT_N, max_d
+    from ..kernels.config import AOT_D, AOT_D_GATHERED, AOT_DTYPES, AOT_N, max_d
 
     out = []
     for kind in kinds:
         spec = LossSpec(Kind(KINDS[kind]), eps=1.0)
-        for d in AOT_D:
+        for d in AOT_D + AOT_D_GATHERED:  # the second set: the gathered layouts' K loop over d only
             for dtype in AOT_DTYPES:
-                if d > max_d("shared", dtype):
+                if d not in AOT_D or d > max_d("shared", dtype):
                     continue
                 out.append((f"shared {kind} {_TYPES[dtype]}", _meta_problem("shared", d, 1024, dtype), spec, False))
             for n in AOT_N:
@@ -204,7 +205,8 @@ def scores_per_iteration(launch: Any) -> int:
     cfg = launch.config
     if launch.name == "shared_rows_kernel:merge":  # one partial row state (and its d floats) per row and split
         return cfg.block_r
-    return cfg.block_r if launch.name == "item_segment_kernel" else cfg.block_r * cfg.block_n
+    lanes = launch.name in ("item_segment_kernel", "segment_merge_kernel")  # a reference / a partial per lane
+    return cfg.block_r if lanes else cfg.block_r * cfg.block_n
 
 
 def compile_launch(launch: Any, cap: int, variant: str = "", sass: bool = False) -> Result:
@@ -236,9 +238,10 @@ def _compile(job: tuple[tuple[str, ...], int, int, int, bool]) -> Result:
     return compile_launch(launches[index], cap, label, sass)
 
 
-def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
-         sass: bool = False) -> list[tuple[tuple[str, ...], int, int, int, bool]]:
-    """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile."""
+def jobs(kinds: tuple[str, ...], archs: tuple[int, ...], sass: bool = False,
+         dims: tuple[int, ...] | None = None) -> list[tuple[tuple[str, ...], int, int, int, bool]]:
+    """Distinct (kinds, case, launch index, arch) to compile: one per kernel specialisation and tile
+    (``dims``: only the cases of those embedding dimensions d)."""
     from . import triton_plan as launch_mod
 
     if type(launch_mod.shared_rows_kernel).__name__ == "InterpretedFunction":
@@ -246,7 +249,10 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
     seen, out = set(), []
     for case in range(len(cases(kinds)) + len(_extra_cases()) + len(split_cases(kinds))):
         for cap in archs:
-            for index, step in enumerate(_launches(kinds, case, cap)[1]):
+            label, launches = _launches(kinds, case, cap)
+            if dims is not None and int(re.search(r" d=(\d+)", label).group(1)) not in dims:
+                break
+            for index, step in enumerate(launches):
                 key = (step.name, repr(_signature(step)), step.config, cap)
                 if key not in seen:
                     seen.add(key)
@@ -255,9 +261,9 @@ def jobs(kinds: tuple[str, ...], archs: tuple[int, ...],
 
 
 def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS,
-                workers: int = 1, sass: bool = False) -> Iterator[Result]:
+                workers: int = 1, sass: bool = False, dims: tuple[int, ...] | None = None) -> Iterator[Result]:
     """Compile every job of :func:`jobs`, yielding results in job order as they complete."""
-    todo = jobs(kinds, archs, sass)
+    todo = jobs(kinds, archs, sass, dims)
     if workers <= 1:
         yield from map(_compile, todo)
         return
@@ -266,11 +272,12 @@ def compile_all(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...
 
 
 def run_isolated(kinds: tuple[str, ...] = ("contrastive",), archs: tuple[int, ...] = ARCHS, workers: int = 1,
-                 progress: bool = False, sass: bool = False) -> list[Result]:
+                 progress: bool = False, sass: bool = False, dims: tuple[int, ...] | None = None) -> list[Result]:
     """:func:`compile_all` in a fresh Python without TRITON_INTERPRET (streamed back as JSON lines)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "fastrecloss.backends.triton_aot", "--jsonl", "--workers", str(workers),
-           "--kinds", *kinds, "--archs", *map(str, archs), *(["--sass"] if sass else [])]
+           "--kinds", *kinds, "--archs", *map(str, archs), *(["--sass"] if sass else []),
+           *(["--dims", *map(str, dims)] if dims is not None else [])]
     results: list[Result] = []
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err,
                                                                text=True) as proc:
@@ -308,13 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--jsonl", action="store_true", help="print the job count, then one JSON line per result")
     parser.add_argument("--sass", action="store_true", help="also count the steady-state loop's instructions")
+    parser.add_argument("--dims", nargs="+", type=int, help="only the cases of these d (default: every AOT_D)")
     args = parser.parse_args(argv)
-    kinds, archs = tuple(args.kinds), tuple(args.archs)
+    kinds, archs, dims = tuple(args.kinds), tuple(args.archs), tuple(args.dims) if args.dims else None
     if not args.jsonl:
-        print(format_table(list(compile_all(kinds, archs, args.workers, args.sass))))
+        print(format_table(list(compile_all(kinds, archs, args.workers, args.sass, dims))))
         return 0
-    print(json.dumps({"total": len(jobs(kinds, archs, args.sass))}), flush=True)
-    for result in compile_all(kinds, archs, args.workers, args.sass):
+    print(json.dumps({"total": len(jobs(kinds, archs, args.sass, dims))}), flush=True)
+    for result in compile_all(kinds, archs, args.workers, args.sass, dims):
         print(json.dumps(asdict(result)), flush=True)
     return 0
 

@@ -7,13 +7,15 @@ only the outputs ([R] losses, [R, d] query/positive gradients, the item gradient
 ``neg``), the fp32 [4, R] row statistics when a later pass needs them (plus one float, the
 largest row coefficient, for the shared item pass), the fp32 partials of a split shared rows pass
 (small R: [S, 5, R] and [S, R, d] with S·R ≤ sm_count·BLOCK_R, see :func:`_plan_shared`), and, in
-deterministic indexed mode, the int64 sort of the item references (``kernels/indexed.py``).
+deterministic indexed mode, the int64 sort of the item references and the fp32
+[2·⌈E/SEGMENT_CHUNK⌉, d] partial sums of the segments that cross chunks (``kernels/indexed.py``).
 
 Passes over the negatives. Shared layout: the rows pass, plus the items pass for ∂/∂neg. Gathered
 layouts (per-row, indexed): the forward is one state pass that can save the row statistics
 (``save_state``, O(R) floats); the backward given them (``state``) is one gradient pass that
 writes ∂/∂q, ∂/∂p and ∂/∂neg — two reads of the negatives per forward+backward. A plan with a row
-scale and no saved state (the fused scalar op, direct calls) does both passes itself.
+scale and no saved state (the fused scalar op, direct calls) does both passes itself (one pass
+when ∂neg is not wanted, unless d needs the K loop, whose state pass computes no gradient).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from torch import Tensor
 from .._problem import Problem
 from .._spec import Kind, LossSpec, acc_dtype
 from ..kernels.config import (
+    SEGMENT_CHUNK,
     SM_COUNT,
     TileConfig,
+    gathered_block_d,
     gathered_config,
     lazy_rescale,
     merge_config,
@@ -39,7 +43,7 @@ from ..kernels.config import (
     shared_configs,
     split_count,
 )
-from ..kernels.indexed import item_segment_kernel
+from ..kernels.indexed import item_segment_kernel, segment_merge_kernel
 from ..kernels.per_row import rows_kernel
 from ..kernels.shared import shared_items_kernel, shared_rows_kernel
 
@@ -134,7 +138,9 @@ def plan(p: Problem, spec: LossSpec, row_scale: Tensor | None, needs: tuple[bool
         # per-row ∂neg is written once, in the input dtype
         dtype = p.neg.dtype if (state is not None and p.layout == "per_row") else acc
         out.grad_neg = alloc(tuple(p.neg.shape), dtype=dtype, device=dev)
-    two_pass = gathered and state is None and need_n  # a state pass, then the gradient pass
+    # a state pass, then the gradient pass; with a K loop over d (large d) the state pass computes no gradient
+    d_loop = gathered and gathered_block_d(d) < d
+    two_pass = gathered and state is None and (need_n or (d_loop and (need_q or need_p)))
     if save_state or two_pass or (not gathered and need_n):
         out.state = torch.empty(4, R, dtype=torch.float32, device=dev)
     if R == 0:
@@ -254,7 +260,7 @@ def _plan_gathered(out: Plan, p: Problem, common: dict[str, Any], deterministic:
                 HAS_MASK=p.neg_mask is not None, NEED_GN=in_kernel, FROM_STATS=gradient,
                 SAVE_STATS=not gradient and common["ROW_SHIFT"] is not None,
                 SCATTER_POS=in_kernel and indexed and p.pos_idx is not None,
-                BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
+                BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, D_LOOP=cfg.block_d < p.d)
     if not in_kernel:
         args["GRAD_NEG"] = None
     if gradient:
@@ -265,16 +271,24 @@ def _plan_gathered(out: Plan, p: Problem, common: dict[str, Any], deterministic:
 
 
 def _plan_segments(out: Plan, p: Problem, rows: dict[str, Any]) -> None:
-    """Deterministic item gradient of the indexed layout (see ``kernels/indexed.py``)."""
+    """Deterministic item gradient of the indexed layout (see ``kernels/indexed.py``): the piece pass
+    over chunks of SEGMENT_CHUNK sorted references, then the merge of the segments that cross chunks.
+    The fp32 workspace is 2 slots per chunk, [2·⌈E/CHUNK⌉, d]: sized from E alone, no host sync."""
     keys = p.neg_idx.reshape(-1).to(torch.int64)
     if p.pos_idx is not None:
         keys = torch.cat([keys, p.pos_idx.to(torch.int64)])
-    if keys.numel() == 0:
+    E = keys.numel()
+    if E == 0:
         return
     sorted_keys, order = torch.sort(keys, stable=True)
     seg_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
     cfg = segment_config(p.d)
-    args = dict(rows, SORTED_KEYS=sorted_keys, ORDER=order, SEG_END=seg_end, E=keys.numel(), RN=p.R * p.N,
-                N_DIV=max(p.N, 1), stride_l=rows["stride_lr"], BLOCK_E=cfg.block_r, BLOCK_D=cfg.block_d)
-    out.launches.append(Launch(item_segment_kernel, (triton.cdiv(keys.numel(), cfg.block_r),),
-                               _bind(item_segment_kernel, args), cfg))
+    n_chunks = triton.cdiv(E, SEGMENT_CHUNK)
+    partial = torch.empty(2 * n_chunks, p.d, dtype=torch.float32, device=p.query.device)
+    args = dict(rows, SORTED_KEYS=sorted_keys, ORDER=order, SEG_END=seg_end, PARTIAL=partial, E=E, RN=p.R * p.N,
+                N_DIV=max(p.N, 1), stride_l=rows["stride_lr"], n_chunks=n_chunks, CHUNK=SEGMENT_CHUNK,
+                BLOCK_E=cfg.block_r, BLOCK_C=cfg.block_r, BLOCK_D=cfg.block_d, D_LOOP=cfg.block_d < p.d)
+    out.launches.append(Launch(item_segment_kernel, (triton.cdiv(E, cfg.block_r),), _bind(item_segment_kernel, args),
+                               cfg))
+    out.launches.append(Launch(segment_merge_kernel, (triton.cdiv(n_chunks, cfg.block_r),),
+                               _bind(segment_merge_kernel, args), cfg))

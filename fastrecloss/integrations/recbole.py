@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ._sampling import PoolSampler
+from ..sampling import NegativeSampler, in_batch_log_q
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "softmax_ce": F.softmax_ce, "infonce": F.infonce, "infonce_plus": F.infonce_plus, "dcl": F.dcl,
@@ -176,10 +176,14 @@ class FastRecLoss:
         self.model, self.loss, self.rows, self.negatives = model, loss, rows, negatives
         self.item_counts = item_counts
         self.correct = loss in CONTRASTIVE if logq_correction is None else bool(logq_correction)
-        self.sampler: PoolSampler | None = None
-        if negatives in ("uniform", "popularity"):
-            self.sampler = PoolSampler(self._num_items(), num_negatives, negatives, low=1, item_counts=item_counts,
-                                       generator=generator)
+        self.sampler: NegativeSampler | None = None
+        self.num_negatives = num_negatives
+        if negatives in ("uniform", "popularity"):  # the padding id 0 is never drawn
+            if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+                raise ValueError(f"num_negatives must be a positive int, got {num_negatives!r}")
+            if negatives == "popularity" and item_counts is None:
+                raise ValueError("negatives='popularity' needs item_counts (a [n_items] tensor or the Dataset)")
+            self.sampler = NegativeSampler(self._num_items(), negatives, item_counts, low=1, generator=generator)
         self.loss_kwargs = loss_kwargs
 
     def _num_items(self) -> int:
@@ -202,14 +206,14 @@ class FastRecLoss:
         pos = r.table[r.target]
         if self.negatives == "in_batch":
             if self.correct and self.item_counts is not None:
-                freq = self.item_counts.to(r.query.device, torch.float64)
-                kw["log_q"] = (freq[r.target] / freq.sum() * r.target.numel()).log().to(r.query.dtype)
+                kw["log_q"] = in_batch_log_q(r.target, self.item_counts).to(r.query.dtype)
             if r.weight is not None:  # a padded row's positive is no negative of the others either
                 kw["neg_mask"] = r.weight == 0
             return fn(r.query, pos, None, in_batch=True, pos_ids=r.target, remove_accidental_hits=True, **kw) + r.extra
-        ids, log_q = self.sampler.draw(r.query.device)
+        ids, log_q = self.sampler.sample_shared(self.num_negatives, r.query.device)
         if self.correct:
-            kw.update(log_q=log_q.to(r.query.dtype), pos_log_q=self.sampler.log_q(r.target).to(r.query.dtype))
+            pos_log_q = self.sampler.log_q_table(self.num_negatives, r.query.device)[r.target]
+            kw.update(log_q=log_q.to(r.query.dtype), pos_log_q=pos_log_q.to(r.query.dtype))
         return fn(r.query, pos, r.table[ids], pos_ids=r.target, neg_ids=ids, remove_accidental_hits=True,
                   **kw) + r.extra
 
