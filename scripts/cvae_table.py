@@ -152,7 +152,7 @@ def dataset_table(recs: list[dict], data: str) -> str:
                 lines.append(f"| {label}, here | {RECON[recon]} | | not run | | | | | | | | | |")
                 continue
             seeds = ", ".join(str(_parts(r)[4]) for r in group)
-            status = ", ".join(sorted({_status(r) for r in group}))
+            status = ", ".join(_status(r) for r in group)  # per seed, in the order of the seeds column
             epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in group)
             tests = [r["test"] for r in group]
             cells = [_mean_std([r["valid"]["ndcg@20"] for r in group])]
