@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _extras, _ops
 from ._problem import BACKENDS, IGNORE_INDEX, REDUCTIONS, build_problem, check_choice, check_flag, check_weight
-from ._spec import Kind, LossSpec, acc_dtype, contrastive, neg_sum_flag
+from ._spec import Kind, LossSpec, acc_dtype, autocast_on, contrastive, neg_sum_flag, result_dtype
 from .backends import reference
 
 __all__ = [
@@ -68,10 +68,9 @@ def _named(fn: str) -> Iterator[None]:
         raise type(e)(f"{fn}: {e}") from None
 
 
-def _autocast_off(device: torch.device) -> tuple[bool, contextlib.AbstractContextManager]:
-    """(autocast was on, a context that turns it off): the backends choose their own precision."""
-    on = device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device.type)
-    return on, (torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext())
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off: the backends choose their own precision."""
+    return torch.autocast(device.type, enabled=False) if autocast_on(device) else contextlib.nullcontext()
 
 
 def compute_loss(
@@ -116,9 +115,8 @@ def compute_loss(
         name = resolve_backend(backend, query)
     if p.keep is not None:  # rows whose target is ignore_index count with weight 0
         weight = p.keep.to(acc_dtype(p.query.dtype)) if weight is None else weight * p.keep.to(weight.dtype)
-    autocast, no_autocast = _autocast_off(p.query.device)
-    out_dtype = acc_dtype(p.query.dtype) if autocast else p.query.dtype
-    with no_autocast:
+    out_dtype = result_dtype(p.query.dtype, None, p.query.device)
+    with _autocast_off(p.query.device):
         if name == "reference":
             rows = reference.row_losses(p, spec) if p.R else p.query.sum(dim=1) * 0
             loss = _ops.reduce_rows(rows, weight, reduction)
