@@ -154,7 +154,8 @@ def _in_rows(ids: Tensor, sets: Tensor) -> Tensor:
 
 def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: dict[str, Any],
                    lse: Any) -> Tensor:
-    """Several positives per row (``pos_idx`` [R, P]); ``lse`` is the public ``sampled_logsumexp``."""
+    """Several positives per row (``pos_idx`` [R, P]); ``lse`` is the core ``sampled_logsumexp`` per row, in the
+    accumulation dtype."""
     pos_idx = common.pop("pos_idx")
     if spec.kind != Kind.CONTRASTIVE or fn == "sampled_logsumexp":
         raise ValueError(f"pos_idx of shape [R, P] (several positives) is for the contrastive losses, not {fn}")

@@ -193,6 +193,24 @@ def test_in_batch_module_takes_log_q_with_the_positives_leading_shape() -> None:
     torch.testing.assert_close(got, F.infonce(t["q"], t["p"], None, in_batch=True, log_q=log_q, temperature=0.5))
 
 
+
+@pytest.mark.parametrize("backend", ["torch"])  # the reference computes in the dtype it is given
+def test_several_positives_in_bf16_round_only_the_loss(backend: str) -> None:
+    """pos_idx [R, P] in bf16: the loss is −lse(positives) + lse(catalogue), two numbers near 20 at τ = 0.05;
+    the catalogue's lse used to come back rounded to bf16 (±0.06) before the difference, so the row loss
+    was off by far more than its own bf16 rounding."""
+    g = torch.Generator().manual_seed(7)
+    q = (torch.randn(64, 16, generator=g) * 0.5).bfloat16()
+    table = (torch.randn(40, 16, generator=g) * 0.5).bfloat16()
+    several = torch.randint(0, 40, (64, 3), generator=g)
+    got = F.softmax_ce(q, table, several, temperature=0.05, reduction="none", backend=backend)
+    s = q.double() @ table.double().T / 0.05
+    want = -torch.logsumexp(s.gather(1, several), dim=1) + torch.logsumexp(s, dim=1)
+    assert got.dtype == torch.bfloat16
+    err = (got.double() - want).abs()
+    assert bool((err <= want.abs() * 2**-8 + 1e-3).all()), f"max error {float(err.max()):.4f}"
+
+
 # --- found in the kernels (kernels/shared.py belongs to another helper): strict xfails ----------
 
 
