@@ -13,6 +13,7 @@ from torch import Tensor
 import fastrecloss
 from fastrecloss import distributed as D
 from fastrecloss import functional as F
+from fastrecloss import ranking
 
 R, N, DIM, I = 5, 4, 6, 9  # noqa: E741 - the item-table size of SPEC §3
 BACKENDS = ["reference", "torch"]
@@ -209,6 +210,24 @@ def test_several_positives_in_bf16_round_only_the_loss(backend: str) -> None:
     assert got.dtype == torch.bfloat16
     err = (got.double() - want).abs()
     assert bool((err <= want.abs() * 2**-8 + 1e-3).all()), f"max error {float(err.max()):.4f}"
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranking_under_autocast_and_its_hyper_parameters(backend: str) -> None:
+    """ranking.topk / target_rank with a bf16 query and an fp32 table (an evaluation under autocast) used to be
+    a TypeError; temperature=inf was accepted (every score 0: the ranks of ties); np.int64 k was refused."""
+    t = _data()
+    q16 = t["q"].bfloat16()
+    vals, ids = ranking.topk(q16, t["table"], 3, backend=backend)
+    want_vals, want_ids = ranking.topk(q16.float(), t["table"], 3, backend=backend)
+    torch.testing.assert_close(vals, want_vals)
+    assert ids.tolist() == want_ids.tolist()
+    assert (ranking.target_rank(q16, t["table"], t["target"], backend=backend).tolist()
+            == ranking.target_rank(q16.float(), t["table"], t["target"], backend=backend).tolist())
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ranking.topk(t["q"], t["table"], 3, temperature=float("inf"), backend=backend)
+    assert ranking.topk(t["q"], t["table"], np.int64(3), backend=backend)[1].shape == (R, 3)
 
 
 # --- found in the kernels (kernels/shared.py belongs to another helper): strict xfails ----------
