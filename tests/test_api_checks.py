@@ -14,6 +14,7 @@ import fastrecloss
 from fastrecloss import distributed as D
 from fastrecloss import functional as F
 from fastrecloss import ranking
+from fastrecloss.sampling import NegativeSampler, in_batch_log_q
 
 R, N, DIM, I = 5, 4, 6, 9  # noqa: E741 - the item-table size of SPEC §3
 BACKENDS = ["reference", "torch"]
@@ -228,6 +229,26 @@ def test_ranking_under_autocast_and_its_hyper_parameters(backend: str) -> None:
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         ranking.topk(t["q"], t["table"], 3, temperature=float("inf"), backend=backend)
     assert ranking.topk(t["q"], t["table"], np.int64(3), backend=backend)[1].shape == (R, 3)
+
+
+
+def test_sampling_checks_in_batch_items_and_takes_numpy_ints() -> None:
+    """in_batch_log_q read item −1 as the last item's count (and raised IndexError past the end); numpy ints
+    (a config value) were refused for num_items and n."""
+    with pytest.raises(ValueError, match="items has values in \\[-1, 0\\]"):
+        in_batch_log_q(torch.tensor([0, -1]), [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="out of range for item_counts of size 3"):
+        in_batch_log_q(torch.tensor([0, 3]), [1.0, 2.0, 3.0])
+    ids, log_q = NegativeSampler(np.int64(10)).sample_shared(np.int64(4))
+    assert ids.shape == log_q.shape == (4,)
+
+
+def test_ring_logsumexp_checks_devices() -> None:
+    """pos_ids on another device than the query: a ValueError naming it (one process goes through
+    functional's check, which used to miss it; the ring's own check, for several ranks, now has it too)."""
+    t = _data()
+    with pytest.raises(ValueError, match="pos_ids is on meta but query is on cpu"):
+        D.ring_logsumexp(t["q"], t["neg"], ids=torch.arange(N), pos_ids=t["target"].to(META))
 
 
 # --- found in the kernels (kernels/shared.py belongs to another helper): strict xfails ----------
