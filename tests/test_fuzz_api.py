@@ -33,7 +33,7 @@ from torch import Tensor
 from fastrecloss import functional as F
 from fastrecloss.backends import triton as triton_backend
 
-F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 CONTRASTIVE = ("infonce", "infonce_plus", "dcl", "mine", "mine_plus", "softmax_ce", "sampled_logsumexp")
 POINTWISE = ("bpr", "bce", "ccl")
 # (ε, λ, μ) of SPEC §2's table, with the free ones drawn.
@@ -52,7 +52,7 @@ class Call:
     kwargs: dict[str, Any]
     hparams: dict[str, Any]
     reduction: str
-    mode: str  # fp32 | bf16 | autocast
+    mode: str  # fp32 | bf16 | fp16 | autocast
     view: str  # none | transposed | sliced | expanded
     grad_of: tuple[str, ...]
     upstream_seed: int
@@ -272,9 +272,10 @@ def draw_call(pick: Pick, backend: str) -> Call:
     small = backend == "triton"
     R, d = pick.int(0 if not small else 1, 7), pick.int(1, 9)
     N = pick.int(0, 6)
-    # the item-table size of SPEC §3; a one-item catalogue's softmax_ce is 0 with gradients that cancel exactly
-    # (below the SPEC rule's absolute FLOOR at small τ): test_losses covers it at unit scores
-    I = pick.int(2 if fn == "softmax_ce" else 1, 8)  # noqa: E741
+    # the item-table size of SPEC §3; with one item every candidate is the same vector (softmax_ce is 0, MINE's
+    # gradients cancel exactly, below the SPEC rule's absolute FLOOR at small τ): test_losses covers it at unit
+    # scores
+    I = pick.int(2, 8)  # noqa: E741
     seed = pick.int(0, 2**31 - 1)
     gen = torch.Generator().manual_seed(seed)
     ii = pick.choice([-100, -100, -1, None])
@@ -371,7 +372,7 @@ def draw_call(pick: Pick, backend: str) -> Call:
     if backend == "triton" and pair_exclusions and col_mask:
         del tensors["neg_mask"]  # a known kernel bug: test_api_checks.py::test_triton_counts_a_column_mask_with_...
     reduction = pick.choice(["mean", "sum", "none"])
-    mode = pick.choice(["fp32", "fp32", "bf16", "autocast"])
+    mode = pick.choice(["fp32", "fp32", "bf16", "fp16", "autocast"])
     view = pick.choice(["none", "none", "transposed", "sliced", "expanded"])
     diff = [k for k in ("query", "pos", "neg") if k in tensors]
     grad_of = tuple(k for k in diff if pick.bool()) or tuple(diff)
@@ -397,7 +398,7 @@ def _present(x: Tensor, view: str) -> Tensor:
 
 def _dtypes(c: Call) -> dict[str, torch.dtype]:
     """Each floating input's dtype in the call's mode (autocast: 16-bit query/positives, fp32 items)."""
-    emb = {"fp32": F32, "bf16": BF16, "autocast": BF16}[c.mode]
+    emb = {"fp32": F32, "bf16": BF16, "fp16": F16, "autocast": BF16}[c.mode]
     items = F32 if c.mode == "autocast" else emb
     return {"query": emb, "pos": emb if c.layout != "in_batch" or c.mode != "autocast" else BF16, "neg": items}
 
@@ -452,7 +453,7 @@ def grads(loss: Tensor, t: dict[str, Tensor], c: Call, up_dtype: torch.dtype) ->
 
 
 def expected_loss_dtype(c: Call) -> torch.dtype:
-    return BF16 if c.mode == "bf16" else F32
+    return {"bf16": BF16, "fp16": F16}.get(c.mode, F32)
 
 
 def run(c: Call, backend: str, float64: bool = False) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
