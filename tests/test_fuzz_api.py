@@ -457,18 +457,20 @@ def expected_loss_dtype(c: Call) -> torch.dtype:
 
 
 def run(c: Call, backend: str, float64: bool = False) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-    """(loss, the differentiable arguments as passed, the leaves): gradients are taken with respect to the
-    arguments as passed, so an expanded view's gradient is the loss's own, not autograd's sum over it."""
-    t = leaves(c, float64)
-    args = presented(c, t)
+    """(loss, the arguments as passed, their values before the call): gradients are taken with respect to
+    the arguments as passed, so an expanded view's gradient is the loss's own, not autograd's sum over it."""
+    args = presented(c, leaves(c, float64))
+    before = {k: v.detach().clone() for k, v in args.items()}
     if backend == "naive":
-        return naive(c, args), args, t
-    return call_api(c, args, backend, autocast=c.mode == "autocast"), args, t
+        return naive(c, args), args, before
+    return call_api(c, args, backend, autocast=c.mode == "autocast"), args, before
 
 
 def check(c: Call, backend: str) -> None:
-    loss, args, _ = run(c, backend)
+    loss, args, before = run(c, backend)
     g = grads(loss, args, c, loss.dtype)
+    for k, v in args.items():  # SPEC §5: inputs are never modified in place
+        assert torch.equal(v.detach(), before[k]), f"{k} was modified in place"
     ref, ref_args, _ = run(c, "reference")
     ref_g = grads(ref, ref_args, c, loss.dtype)
     oracle, o_args, _ = run(c, "naive", float64=True)
