@@ -6,8 +6,13 @@ Every kernel keeps its tiles in registers, so the budget that matters is registe
 sm_80 and sm_90 with zero spills, for the heaviest option set (logQ, [R, N] mask, accidental hits,
 positives from the table, every gradient), and the test suite asserts it.
 
-* shared layout: ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in
-  registers (``tl.dot`` needs ≥ 16), hence a maximum d (:func:`max_d`).
+* shared layout: any d. Up to :data:`MAX_D` (16-bit) / :data:`MAX_D_SHARED_FP32` (fp32) inputs,
+  ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in registers (``tl.dot``
+  needs ≥ 16). Beyond (:func:`shared_chunks`), a K loop over d (``D_LOOP``): the score MMA runs over
+  K chunks of ``block_dk`` columns (only the last masked) and each program owns one output chunk of
+  ``BLOCK_D`` = :data:`SHARED_DO` columns of the gradient accumulator (a grid axis), recomputing the
+  scores over all of d (``kernels/shared.py``). The full-ranking kernel keeps the register tile
+  (:func:`max_d` of ``"ranking"``).
 * per-row / indexed layouts: any d. Up to d = 64, and for powers of two up to 256, ``BLOCK_D`` =
   next_pow2(d) holds d in registers; otherwise (:func:`gathered_block_d`) the kernels run a K loop
   over d in ``BLOCK_D`` chunks (``D_LOOP``; only the last chunk is masked) and keep the ∂q / ∂table
@@ -54,6 +59,7 @@ class TileConfig:
     # ptxas may cap itself at 64–128 registers and spill a few bytes when left to choose (seen with
     # Triton 3.9's ptxas flags); an explicit .maxnreg 255 keeps every configuration spill-free.
     maxnreg: int = 255
+    block_dk: int = 0  # K chunk of a K loop over d (shared layout, D_LOOP); 0: no K loop
 
 
 def next_pow2(x: int) -> int:
@@ -65,18 +71,22 @@ def _wide(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
 
 
-def max_d(layout: str, dtype: torch.dtype) -> int | None:
-    """Largest d of a layout (None: any d — the per-row and indexed layouts loop over d)."""
-    if layout != "shared":
-        return None
+def register_d(dtype: torch.dtype) -> int:
+    """Largest d whose feature dimension the shared-layout kernels hold in one register tile."""
     return MAX_D_SHARED_FP32 if _wide(dtype) else MAX_D
+
+
+def max_d(layout: str, dtype: torch.dtype) -> int | None:
+    """Largest d of a kernel family (None: any d — every loss layout loops over d when it must); only
+    the full-ranking kernel (``"ranking"``) keeps d in registers."""
+    return register_d(dtype) if layout == "ranking" else None
 
 
 def check_d(d: int, layout: str, dtype: torch.dtype) -> None:
     limit = max_d(layout, dtype)
     if limit is not None and d > limit:
-        raise ValueError(f"backend='triton' supports d <= {limit} for {dtype} inputs in the {layout} layout (the "
-                         f"feature dimension is held in registers; the per-row and indexed layouts take any d), "
+        raise ValueError(f"backend='triton' supports d <= {limit} for {dtype} inputs in the {layout} kernel (the "
+                         f"feature dimension is held in registers; the loss kernels take any d), "
                          f"got d = {d}; use backend='torch'" + (" or bf16 inputs" if limit < MAX_D else ""))
 
 
@@ -98,13 +108,35 @@ SHARED_TILES = {
 SMOOTH_ROWS = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8), 256: (32, 16, 8)}
 
 
+# K loop over d of the shared layout (d > register_d): the widest output chunk of a program's
+# gradient accumulator (∂q of the rows pass, ∂V of the items pass) — the accumulator width of the
+# register path's largest tile, so the tiles of SHARED_TILES[SHARED_DO] hold it — and the K chunks
+# of the score MMA, largest first (the first whose last chunk pads d by at most d/8).
+SHARED_DO = {False: 256, True: 128}
+SHARED_DK = (64, 32, 16)
+
+
+def fit_chunk(d: int, chunks: tuple[int, ...]) -> int:
+    """The largest of ``chunks`` whose last chunk pads d by at most d/8, else the smallest."""
+    return next((c for c in chunks if -(-d // c) * c - d <= d // 8), chunks[-1])
+
+
+def shared_chunks(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_DK, BLOCK_D) of the shared kernels: (0, next_pow2(d)) for d ≤ :func:`register_d` (d in
+    registers, no K loop); else the K chunk of the scores and the output chunk (:data:`SHARED_DO`):
+    d = 320, bf16 → K chunks of 64 (5), output chunks of 256 (2)."""
+    if d <= register_d(dtype):
+        return 0, max(16, next_pow2(d))
+    return fit_chunk(d, SHARED_DK), SHARED_DO[_wide(dtype)]
+
+
 def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool = False,
                    arch: int = 90) -> tuple[TileConfig, TileConfig]:
     """(rows pass, items pass) tiles; both as TileConfig(block_r, block_n, ...). ``smooth``: label
     smoothing is on; ``pairs``: a per-(row, item) mask (an [R, N] mask or accidental hits) is;
-    ``arch``: the compute capability ×10 (sm_80's mma.sync keeps more operands in registers)."""
-    check_d(d, "shared", dtype)
-    block_d = max(16, next_pow2(d))
+    ``arch``: the compute capability ×10 (sm_80's mma.sync keeps more operands in registers). With a
+    K loop over d (``block_dk`` > 0) the tiles are those of the output chunk's width."""
+    block_dk, block_d = shared_chunks(d, dtype)
     (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
     if smooth and (pairs or block_d == 256) and not _wide(dtype):
         br, bn, w_rows = SMOOTH_ROWS[block_d]
@@ -113,7 +145,8 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
     elif pairs and not _wide(dtype) and arch < 90:
         w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps can spill with mma.sync
     stages = 1 if _wide(dtype) else 2
-    return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
+    return (TileConfig(br, bn, block_d, w_rows, stages, block_dk=block_dk),
+            TileConfig(br_i, bn_i, block_d, w_items, stages, block_dk=block_dk))
 
 
 # Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has at most half as many row
@@ -154,10 +187,11 @@ def split_count(row_blocks: int, n_tiles: int, sm_count: int = SM_COUNT, splits:
     return (-(-n_tiles // per_split) if per_split else 1), per_split
 
 
-def merge_config(d: int) -> TileConfig:
-    """The merge kernel of a split rows pass: [BLOCK_R, BLOCK_D] blocks of MERGE_TILE elements."""
-    block_d = max(16, next_pow2(d))
-    return TileConfig(max(1, min(64, MERGE_TILE // block_d)), 1, block_d, 4)
+def merge_config(d: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """The merge kernel of a split rows pass: [BLOCK_R, BLOCK_D] blocks of MERGE_TILE elements; with a K
+    loop over d, blocks of the rows pass's output chunk (one merge program per row block and chunk)."""
+    block_dk, block_d = shared_chunks(d, dtype)
+    return TileConfig(max(1, min(64, MERGE_TILE // block_d)), 1, block_d, 4, block_dk=block_dk)
 
 
 def gathered_block_d(d: int) -> int:
@@ -169,7 +203,7 @@ def gathered_block_d(d: int) -> int:
     block = next_pow2(d)
     if d <= 64 or (block == d and d <= MAX_D):
         return block
-    return next((dk for dk in GATHER_DK if -(-d // dk) * dk - d <= d // 8), 16)
+    return fit_chunk(d, GATHER_DK + (16,))
 
 
 def gathered_config(d: int, n: int, layout: str = "per_row", dtype: torch.dtype = torch.float32) -> TileConfig:
@@ -191,6 +225,7 @@ def segment_config(d: int) -> TileConfig:
 # per-row/indexed both a small and a large N.
 AOT_D = (16, 32, 64, 128, 256)
 AOT_D_GATHERED = (96, 320, 1024)  # per-row / indexed only: the K loop over d (chunks of 32, 64, 128)
+AOT_D_SHARED_LOOP = (320,)  # shared: the K loop over d (K chunks of 64; output chunks of 256 bf16, 128 fp32)
 AOT_DTYPES = (torch.bfloat16, torch.float32)
 AOT_N = (8, 1024)
 
@@ -220,7 +255,7 @@ RANK_TILES = {
 
 def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConfig:
     """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k."""
-    check_d(d, "shared", dtype)
+    check_d(d, "ranking", dtype)
     block_d = max(16, next_pow2(d))
     block_r, block_n, warps = RANK_TILES[_wide(dtype)][block_d]
     if k is None:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 bytes on sm_80)

@@ -248,7 +248,7 @@ def aot_cases() -> list[tuple[str, list]]:
     out = []
     for d in AOT_D:
         for dtype in AOT_DTYPES:
-            if d > max_d("shared", dtype):
+            if d > max_d("ranking", dtype):
                 continue
             for k in (None, *TOPK_WIDTHS):
                 meta = {"device": "meta"}
