@@ -286,13 +286,17 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize(("dtype", "d"), [(F32, 129), (BF16, 257)])
 def test_feature_dimension_limit_is_a_clear_error(dtype: torch.dtype, d: int) -> None:
-    """The shared layout holds d in registers; the gathered layouts loop over d (no limit)."""
+    """Every loss layout takes any d (the shared one loops over d beyond its register tile); the
+    full-ranking kernel holds d in registers and refuses more, naming the limit and the way out."""
     from fastrecloss.kernels.config import max_d
 
-    assert d == max_d("shared", dtype) + 1 and max_d("indexed", dtype) is None and max_d("per_row", dtype) is None
-    p = build_problem(torch.randn(2, d, dtype=dtype), torch.randn(2, d, dtype=dtype), torch.randn(3, d).to(dtype))
-    with pytest.raises(ValueError, match=f"d <= {d - 1} .* shared layout .* per-row and indexed layouts take any d"):
-        triton_backend.forward_backward(p, LossSpec(Kind.CONTRASTIVE, eps=1.0), None, (False, False, False))
+    from fastrecloss import ranking
+
+    assert d == max_d("ranking", dtype) + 1
+    assert max_d("shared", dtype) is None and max_d("indexed", dtype) is None and max_d("per_row", dtype) is None
+    q, table = torch.randn(2, d, dtype=dtype), torch.randn(3, d, dtype=dtype)
+    with pytest.raises(ValueError, match=f"d <= {d - 1} .* ranking kernel .* got d = {d}; use backend='torch'"):
+        ranking.target_rank(q, table, torch.tensor([0, 1]), backend="triton")
 
 
 @pytest.mark.parametrize(("layout", "dtype", "d"), [("shared", F32, 128), ("per_row", BF16, 256)])
