@@ -457,15 +457,16 @@ def chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_
 
 @triton.jit
 def looped_dot(A, B, a64, amask, b64, bmask, d, stride_ar, stride_ad, stride_br, stride_bd, BLOCK_DK: tl.constexpr,
-               DOT_DT: tl.constexpr, INTERPRET: tl.constexpr):
+               EVEN_K: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr):
     """S = A[a]·B[b]ᵀ [len(a), len(b)] over all of d, accumulated in fp32 over K chunks of BLOCK_DK in
-    the fixed order k0 = 0, BLOCK_DK, …; only the last chunk (when BLOCK_DK does not divide d) is masked."""
+    the fixed order k0 = 0, BLOCK_DK, …; only the last chunk is masked, and only when BLOCK_DK does not
+    divide d (EVEN_K = False: the planner knows d, so a divisible d compiles no tail)."""
     d_full = d - d % BLOCK_DK
     s = tl.zeros([a64.shape[0], b64.shape[0]], dtype=tl.float32)
     for k0 in range(0, d_full, BLOCK_DK):
         s += chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_br, stride_bd, False,
                        BLOCK_DK, DOT_DT, INTERPRET)
-    if d_full < d:
+    if not EVEN_K:
         s += chunk_dot(A, B, a64, amask, b64, bmask, d_full, d, stride_ar, stride_ad, stride_br, stride_bd, True,
                        BLOCK_DK, DOT_DT, INTERPRET)
     return s

@@ -225,7 +225,8 @@ def segment_config(d: int) -> TileConfig:
 # per-row/indexed both a small and a large N.
 AOT_D = (16, 32, 64, 128, 256)
 AOT_D_GATHERED = (96, 320, 1024)  # per-row / indexed only: the K loop over d (chunks of 32, 64, 128)
-AOT_D_SHARED_LOOP = (320,)  # shared: the K loop over d (K chunks of 64; output chunks of 256 bf16, 128 fp32)
+# shared: the K loop over d (K chunks of 64; output chunks of 256 bf16, 128 fp32), 500 with a masked last K chunk
+AOT_D_SHARED_LOOP = (320, 500)
 AOT_DTYPES = (torch.bfloat16, torch.float32)
 AOT_N = (8, 1024)
 

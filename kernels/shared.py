@@ -97,7 +97,7 @@ def shared_rows_kernel(
     NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr,
     SMOOTH: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, LAZY_TH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr,
-    INTERPRET: tl.constexpr, D_LOOP: tl.constexpr = False, BLOCK_DK: tl.constexpr = 16,
+    INTERPRET: tl.constexpr, D_LOOP: tl.constexpr = False, BLOCK_DK: tl.constexpr = 16, EVEN_K: tl.constexpr = True,
 ):
     """Rows r of block program_id(0): t_rj = (<q_r, v_j>/τ − logq_j)·unit over the items, streamed.
 
@@ -170,7 +170,7 @@ def shared_rows_kernel(
             bias = item_bias(cols64, cmask, LOG_Q, MASK, stride_mn, unit, HAS_LOG_Q, MASK_MODE)
             if D_LOOP:
                 s = looped_dot(Q, NEG, rows64, rmask, cols64, cmask, d, stride_qr, stride_qd, stride_nn, stride_nd,
-                               BLOCK_DK, DOT_DT, INTERPRET)
+                               BLOCK_DK, EVEN_K, DOT_DT, INTERPRET)
             else:
                 s = mm(q_raw, tl.trans(v), DOT_DT, INTERPRET)
             s = s * score_mul + bias[None, :]
@@ -232,7 +232,7 @@ def shared_items_kernel(
     KIND: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_LOG_Q: tl.constexpr, MASK_MODE: tl.constexpr,
     HAS_HITS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr, D_LOOP: tl.constexpr = False,
-    BLOCK_DK: tl.constexpr = 16,
+    BLOCK_DK: tl.constexpr = 16, EVEN_K: tl.constexpr = True,
 ):
     """Items j of one block: ∂/∂v_j = Σ_r G_jr q_r with G_jr = row_coef_r·φ(t_rj; row_shift_r)
     (+ row_gpos_r where pos_idx_r = j). The transposed score tile Tᵀ = V·Qᵀ [items, rows] is
@@ -258,7 +258,7 @@ def shared_items_kernel(
                     mask=rmask[:, None] & dmask[None, :], other=0.0)  # (D_LOOP: the output chunk)
         if D_LOOP:
             s = looped_dot(NEG, Q, cols64, cmask, rows64, rmask, d, stride_nn, stride_nd, stride_qr, stride_qd,
-                           BLOCK_DK, DOT_DT, INTERPRET)
+                           BLOCK_DK, EVEN_K, DOT_DT, INTERPRET)
         else:
             s = mm(v, tl.trans(q), DOT_DT, INTERPRET)
         s = s * score_mul + bias[:, None]

@@ -7,7 +7,8 @@ are defaults of ``kernels/config.py``, so none may spill.
 
 The default run compiles the cases of one d (``DEFAULT_DIMS``: every kernel, layout and option set,
 both dtypes, both archs — 62 of the 380 compilations, so a spill in a common tile still fails it);
-the full matrix over every d of ``config.AOT_D`` and ``config.AOT_D_GATHERED`` (the gathered K loop)
+the full matrix over every d of ``config.AOT_D``, ``config.AOT_D_GATHERED`` (the gathered K loop) and
+``config.AOT_D_SHARED_LOOP`` (the shared K loop)
 is the ``aot_full`` marker, which CI runs after the default run (``python3 dev.py test -m aot_full
 tests/test_triton_aot.py``). Measured here: the full matrix took 11 min with 2 workers on the shared,
 loaded 2-core machine after a kernel change (cold cache for the changed kernels); seconds on a warm
@@ -29,7 +30,7 @@ from fastrecloss.cli import kernels as kernels_cli
 KERNELS = {"shared_rows_kernel", "shared_items_kernel", "shared_rows_kernel:merge", "rows_kernel",
            "item_segment_kernel", "segment_merge_kernel", "ranking_kernel"}
 DEFAULT_DIMS = (64,)
-EVERY_D = config.AOT_D + config.AOT_D_GATHERED
+EVERY_D = tuple(sorted(set(config.AOT_D + config.AOT_D_GATHERED + config.AOT_D_SHARED_LOOP)))
 
 
 @pytest.fixture(scope="module", params=[pytest.param(DEFAULT_DIMS, id="d64"),
@@ -55,7 +56,7 @@ def _expected_tiles(dims: tuple[int, ...] = EVERY_D) -> set[str]:
                         continue
                     for c in config.shared_configs(d, dtype, smooth, pairs, arch):
                         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
-    for d in (d for d in EVERY_D if d in dims):
+    for d in (d for d in config.AOT_D + config.AOT_D_GATHERED if d in dims):
         for n in config.AOT_N:
             c = config.gathered_config(d, n)
             tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")

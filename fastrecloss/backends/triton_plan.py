@@ -197,7 +197,9 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
     """The rows pass, then the items pass for ∂/∂neg. With at most half as many row blocks as SMs
     the rows pass is split (flash-decoding, ``config.split_count``): grid (row blocks, S), each
     program streaming its share of the item tiles into fp32 partials (``WS`` [S, 5, R], ``WS_ACC`` /
-    ``WS_VSUM`` [S, R, d]: O(S·R·d)), then the same kernel with MERGE finishes the rows."""
+    ``WS_VSUM`` [S, R, d]: O(S·R·d)), then the same kernel with MERGE finishes the rows. With a K loop
+    over d (``D_LOOP``, d beyond the register tile) every grid gains an axis of output chunks (the
+    rows pass's third, the items pass's second), counted with the row blocks when choosing S."""
     pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
     rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs, arch=arch)
     if common["HIT_POS"] is not None and p.N > 0:
@@ -213,7 +215,7 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
                 DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), SPLIT=False, MERGE=False, split_n=p.N,
                 n_splits=1, WS=None, WS_ACC=None, WS_VSUM=None,
                 LAZY_TH=lazy_rescale(common["KIND"], p.query.dtype, rows_cfg), D_LOOP=d_loop,
-                BLOCK_DK=rows_cfg.block_dk or 16)
+                BLOCK_DK=rows_cfg.block_dk or 16, EVEN_K=not d_loop or p.d % rows_cfg.block_dk == 0)
 
     def grid(blocks: int, cfg: TileConfig, splits: int = 1) -> tuple[int, ...]:
         """1-D (or (blocks, S) when split) without a K loop; (blocks, S, output chunks) with one."""
@@ -221,8 +223,9 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
             return blocks, splits, triton.cdiv(p.d, cfg.block_d)
         return (blocks,) if splits == 1 else (blocks, splits)
 
-    row_blocks = triton.cdiv(p.R, rows_cfg.block_r)
-    n_splits, per_split = split_count(row_blocks, triton.cdiv(p.N, rows_cfg.block_n), sm_count, splits)
+    row_blocks = triton.cdiv(p.R, rows_cfg.block_r)  # (× the output chunks of a K loop: programs per item range)
+    n_splits, per_split = split_count(row_blocks * math.prod(grid(1, rows_cfg)), triton.cdiv(p.N, rows_cfg.block_n),
+                                      sm_count, splits)
     rows = dict(args, BLOCK_R=rows_cfg.block_r, BLOCK_N=rows_cfg.block_n)
     if n_splits == 1:
         out.launches.append(Launch(shared_rows_kernel, grid(row_blocks, rows_cfg), _bind(shared_rows_kernel, rows),
