@@ -464,11 +464,11 @@ def looped_dot(A, B, a64, amask, b64, bmask, d, stride_ar, stride_ad, stride_br,
     d_full = d - d % BLOCK_DK
     s = tl.zeros([a64.shape[0], b64.shape[0]], dtype=tl.float32)
     for k0 in range(0, d_full, BLOCK_DK):
-        s += chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_br, stride_bd, False,
-                       BLOCK_DK, DOT_DT, INTERPRET)
-    if not EVEN_K:
-        s += chunk_dot(A, B, a64, amask, b64, bmask, d_full, d, stride_ar, stride_ad, stride_br, stride_bd, True,
-                       BLOCK_DK, DOT_DT, INTERPRET)
+        s += chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_br, stride_bd,
+                       MASK_K=False, BLOCK_DK=BLOCK_DK, DOT_DT=DOT_DT, INTERPRET=INTERPRET)
+    if not EVEN_K:  # the last, partial chunk
+        s += chunk_dot(A, B, a64, amask, b64, bmask, d_full, d, stride_ar, stride_ad, stride_br, stride_bd,
+                       MASK_K=True, BLOCK_DK=BLOCK_DK, DOT_DT=DOT_DT, INTERPRET=INTERPRET)
     return s
 
 
@@ -484,8 +484,9 @@ def looped_positive_score(Q, POS, POS_IDX, TABLE, rows64, rmask, d, stride_qr, s
         dm = offs < d
         q = tl.load(Q + rows64[:, None] * stride_qr + offs[None, :] * stride_qd, mask=rmask[:, None] & dm[None, :],
                     other=0.0).to(tl.float32)
-        s_pos += positive_score(q, POS, POS_IDX, TABLE, rows64, rmask, offs, dm, stride_pr, stride_pd, stride_tr,
-                                stride_td, n_table, POS_LOG_Q, inv_tau, POS_FROM_TABLE, False)
+        s_pos += positive_score(q, POS, POS_IDX, TABLE, rows64, rmask, offs, dm, stride_pr, stride_pd,
+                                stride_tr=stride_tr, stride_td=stride_td, n_table=n_table, POS_LOG_Q=POS_LOG_Q,
+                                inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=False)
     if HAS_POS_LOG_Q:
         s_pos -= tl.load(POS_LOG_Q + rows64, mask=rmask, other=0.0).to(tl.float32)
     return s_pos

@@ -24,7 +24,9 @@ positives from the table, every gradient), and the test suite asserts it.
   tile, the gradient accumulator [64, BLOCK_D] and the MMA operands are live together, so the
   inner tile (BLOCK_N of the rows pass, BLOCK_R of the items pass) shrinks and the warps grow with
   d. fp32 inputs run 3×TF32 dots whose operands are split in two 4-byte halves, so they keep
-  smaller tiles, one stage, and stop at d = 128.
+  smaller tiles, one stage, and hold d in registers up to d = 128. With the K loop over d the tiles
+  are those of the output chunk's width (256 / 128 columns): a K-loop program keeps one K chunk of
+  Q and V instead of the resident query block, so it needs no more registers than that tile.
 * per-row / indexed layouts (batched mat-vec, no reuse across rows): one [BLOCK_R, BLOCK_N,
   BLOCK_D] fp32 tile of :data:`GATHER_TILE` elements over 4 warps (16 elements per thread),
   BLOCK_N = min(next_pow2(N), tile/BLOCK_D, 64) negatives per step, and BLOCK_R rows when N is

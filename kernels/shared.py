@@ -32,6 +32,14 @@ nothing a grouped program order would regroup (docs/roofline.md, "Program order"
 Both passes have the tile's first dimension (rows, items) as the MMA M dimension, ≥ 64 for 16-bit
 inputs so that sm_90 runs warp-group MMA (``kernels/config.py``). Neither writes an R×N tile to
 memory.
+
+Any d: up to 256 (16-bit) / 128 (fp32) the feature dimension lives in one register tile
+(BLOCK_D = next_pow2(d)). Beyond, ``D_LOOP``: scores S = Σ_k Q_k·V_kᵀ over K chunks of BLOCK_DK
+columns (``_rowmath.looped_dot``, fp32, a fixed order; the last chunk masked only when BLOCK_DK does
+not divide d, ``EVEN_K``), and the gradient accumulator cut into output chunks of BLOCK_D columns,
+one per program along an extra grid axis (rows pass: axis 2, items pass: axis 1). Each output-chunk
+program recomputes the scores over all of d; the per-row values it derives are the same bits in
+every chunk and only chunk 0 stores them (docs/roofline.md, "Shared layout: a K loop over d").
 """
 
 from __future__ import annotations
@@ -130,10 +138,11 @@ def shared_rows_kernel(
                                                            BLOCK_D)
         stats_mask = None  # every program writes its rows' values
     if HAS_POS and D_LOOP:
-        s_pos = looped_positive_score(Q, POS, POS_IDX, NEG, rows64, rmask, d, stride_qr, stride_qd, stride_pr,
-                                      stride_pd, stride_tr=stride_nn, stride_td=stride_nd, n_table=N,
-                                      POS_LOG_Q=POS_LOG_Q, inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE,
-                                      HAS_POS_LOG_Q=HAS_POS_LOG_Q, BLOCK_DK=BLOCK_DK)
+        s_pos = looped_positive_score(Q, POS, POS_IDX, NEG, rows64, rmask, d, stride_qr=stride_qr,
+                                      stride_qd=stride_qd, stride_pr=stride_pr, stride_pd=stride_pd,
+                                      stride_tr=stride_nn, stride_td=stride_nd, n_table=N, POS_LOG_Q=POS_LOG_Q,
+                                      inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=HAS_POS_LOG_Q,
+                                      BLOCK_DK=BLOCK_DK)
     elif HAS_POS:
         s_pos = positive_score(q_raw.to(tl.float32), POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr,
                                stride_pd, stride_tr=stride_nn, stride_td=stride_nd, n_table=N, POS_LOG_Q=POS_LOG_Q,
@@ -169,8 +178,9 @@ def shared_rows_kernel(
                         mask=cmask[:, None] & dmask[None, :], other=0.0)  # (D_LOOP: the output chunk)
             bias = item_bias(cols64, cmask, LOG_Q, MASK, stride_mn, unit, HAS_LOG_Q, MASK_MODE)
             if D_LOOP:
-                s = looped_dot(Q, NEG, rows64, rmask, cols64, cmask, d, stride_qr, stride_qd, stride_nn, stride_nd,
-                               BLOCK_DK, EVEN_K, DOT_DT, INTERPRET)
+                s = looped_dot(Q, NEG, rows64, rmask, cols64, cmask, d, stride_ar=stride_qr, stride_ad=stride_qd,
+                               stride_br=stride_nn, stride_bd=stride_nd, BLOCK_DK=BLOCK_DK, EVEN_K=EVEN_K,
+                               DOT_DT=DOT_DT, INTERPRET=INTERPRET)
             else:
                 s = mm(q_raw, tl.trans(v), DOT_DT, INTERPRET)
             s = s * score_mul + bias[None, :]
@@ -257,8 +267,9 @@ def shared_items_kernel(
         q = tl.load(Q + rows64[:, None] * stride_qr + offs_d64[None, :] * stride_qd,
                     mask=rmask[:, None] & dmask[None, :], other=0.0)  # (D_LOOP: the output chunk)
         if D_LOOP:
-            s = looped_dot(NEG, Q, cols64, cmask, rows64, rmask, d, stride_nn, stride_nd, stride_qr, stride_qd,
-                           BLOCK_DK, EVEN_K, DOT_DT, INTERPRET)
+            s = looped_dot(NEG, Q, cols64, cmask, rows64, rmask, d, stride_ar=stride_nn, stride_ad=stride_nd,
+                           stride_br=stride_qr, stride_bd=stride_qd, BLOCK_DK=BLOCK_DK, EVEN_K=EVEN_K, DOT_DT=DOT_DT,
+                           INTERPRET=INTERPRET)
         else:
             s = mm(v, tl.trans(q), DOT_DT, INTERPRET)
         s = s * score_mul + bias[:, None]
