@@ -11,8 +11,8 @@ positives from the table, every gradient), and the test suite asserts it.
   needs ≥ 16). Beyond (:func:`shared_chunks`), a K loop over d (``D_LOOP``): the score MMA runs over
   K chunks of ``block_dk`` columns (only the last masked) and each program owns one output chunk of
   ``BLOCK_D`` = :data:`SHARED_DO` columns of the gradient accumulator (a grid axis), recomputing the
-  scores over all of d (``kernels/shared.py``). The full-ranking kernel keeps the register tile
-  (:func:`max_d` of ``"ranking"``).
+  scores over all of d (``kernels/shared.py``). The full-ranking kernel (scores only) loops over d
+  in K chunks beyond the same bound.
 * per-row / indexed layouts: any d. Up to d = 64, and for powers of two up to 256, ``BLOCK_D`` =
   next_pow2(d) holds d in registers; otherwise (:func:`gathered_block_d`) the kernels run a K loop
   over d in ``BLOCK_D`` chunks (``D_LOOP``; only the last chunk is masked) and keep the ∂q / ∂table
@@ -79,9 +79,9 @@ def register_d(dtype: torch.dtype) -> int:
 
 
 def max_d(layout: str, dtype: torch.dtype) -> int | None:
-    """Largest d of a kernel family (None: any d — every loss layout loops over d when it must); only
-    the full-ranking kernel (``"ranking"``) keeps d in registers."""
-    return register_d(dtype) if layout == "ranking" else None
+    """Largest d of a kernel family: None (any d) for every one — the loss layouts and the full-ranking
+    kernel loop over d when it does not fit in registers (kept so callers can ask)."""
+    return None
 
 
 def check_d(d: int, layout: str, dtype: torch.dtype) -> None:
@@ -257,11 +257,14 @@ RANK_TILES = {
 
 
 def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConfig:
-    """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k."""
+    """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k. Beyond
+    :func:`register_d`, a K loop over d in chunks of ``block_dk`` (= ``block_d``) with the tile of that
+    width: only a chunk of the query block is live, as in the register tile of d = ``block_dk``."""
     check_d(d, "ranking", dtype)
-    block_d = max(16, next_pow2(d))
+    block_dk = fit_chunk(d, SHARED_DK) if d > register_d(dtype) else 0
+    block_d = block_dk or max(16, next_pow2(d))
     block_r, block_n, warps = RANK_TILES[_wide(dtype)][block_d]
     if k is None:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 bytes on sm_80)
-        return TileConfig(block_r, block_n, block_d, warps)
+        return TileConfig(block_r, block_n, block_d, warps, block_dk=block_dk)
     block_r = 16 if _wide(dtype) or topk_width(k) > 64 else 32
-    return TileConfig(block_r, 32, block_d, 8)
+    return TileConfig(block_r, 32, block_d, 8, block_dk=block_dk)

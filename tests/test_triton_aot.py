@@ -67,9 +67,9 @@ def _expected_tiles(dims: tuple[int, ...] = EVERY_D) -> set[str]:
             if d <= config.register_d(dtype) or d in config.AOT_D_SHARED_LOOP:
                 c = config.merge_config(d, dtype)
                 tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
-    for d in (d for d in config.AOT_D if d in dims):
+    for d in (d for d in config.AOT_D + config.AOT_D_SHARED_LOOP if d in dims):
         for dtype in config.AOT_DTYPES:  # the full-ranking kernel: rank count and every top-k width
-            if d <= config.max_d("ranking", dtype):
+            if d <= config.register_d(dtype) or d in config.AOT_D_SHARED_LOOP:
                 for k in (None, *config.TOPK_WIDTHS):
                     c = config.ranking_config(d, dtype, k)
                     tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")

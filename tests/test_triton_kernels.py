@@ -284,21 +284,6 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch: pytest.MonkeyPatch) 
         triton_backend.forward_backward(p, LossSpec(Kind.CONTRASTIVE, eps=1.0), None, (False, False, False))
 
 
-@pytest.mark.parametrize(("dtype", "d"), [(F32, 129), (BF16, 257)])
-def test_feature_dimension_limit_is_a_clear_error(dtype: torch.dtype, d: int) -> None:
-    """Every loss layout takes any d (the shared one loops over d beyond its register tile); the
-    full-ranking kernel holds d in registers and refuses more, naming the limit and the way out."""
-    from fastrecloss.kernels.config import max_d
-
-    from fastrecloss import ranking
-
-    assert d == max_d("ranking", dtype) + 1
-    assert max_d("shared", dtype) is None and max_d("indexed", dtype) is None and max_d("per_row", dtype) is None
-    q, table = torch.randn(2, d, dtype=dtype), torch.randn(3, d, dtype=dtype)
-    with pytest.raises(ValueError, match=f"d <= {d - 1} .* ranking kernel .* got d = {d}; use backend='torch'"):
-        ranking.target_rank(q, table, torch.tensor([0, 1]), backend="triton")
-
-
 @pytest.mark.parametrize(("layout", "dtype", "d"), [("shared", F32, 128), ("per_row", BF16, 256)])
 def test_largest_supported_d(layout: str, dtype: torch.dtype, d: int, gen: torch.Generator) -> None:
     check_case(CASES["infonce"], TRITON, make_inputs(layout, 3, 4, d, gen=gen, log_q=True), dtype)

@@ -36,7 +36,7 @@ def test_shared_chunks(d: int, dtype: torch.dtype, chunks: tuple[int, int]) -> N
         assert -(-d // chunks[0]) * chunks[0] - d <= max(d // 8, 15)
         assert (rows, items) == tuple(dataclasses.replace(c, block_dk=chunks[0])
                                       for c in config.shared_configs(chunks[1], dtype))
-    assert config.max_d("shared", dtype) is None and config.max_d("ranking", dtype) == config.register_d(dtype)
+    assert all(config.max_d(kernel, dtype) is None for kernel in ("shared", "per_row", "indexed", "ranking"))
 
 
 def _meta(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
