@@ -442,8 +442,8 @@ def chunk_block(pid, n_rows, pid_d, d, BLOCK: tl.constexpr, BLOCK_D: tl.constexp
 @triton.jit
 def chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_br, stride_bd, MASK_K: tl.constexpr,
               BLOCK_DK: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr):
-    """A[a, k0:k0+BLOCK_DK] · B[b, k0:k0+BLOCK_DK]ᵀ in fp32 (:func:`mm`); MASK_K: the chunk may run past
-    d (the last one), so its columns are masked."""
+    """A[a, k0:k0+BLOCK_DK] · B[b, k0:k0+BLOCK_DK]ᵀ in fp32 (:func:`mm`); MASK_K: the columns are masked
+    at d (a chunk may run past it)."""
     offs = k0 + tl.arange(0, BLOCK_DK).to(tl.int64)
     a_mask = amask[:, None]
     b_mask = bmask[:, None]
@@ -459,16 +459,13 @@ def chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_
 def looped_dot(A, B, a64, amask, b64, bmask, d, stride_ar, stride_ad, stride_br, stride_bd, BLOCK_DK: tl.constexpr,
                EVEN_K: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr):
     """S = A[a]·B[b]ᵀ [len(a), len(b)] over all of d, accumulated in fp32 over K chunks of BLOCK_DK in
-    the fixed order k0 = 0, BLOCK_DK, …; only the last chunk is masked, and only when BLOCK_DK does not
-    divide d (EVEN_K = False: the planner knows d, so a divisible d compiles no tail)."""
-    d_full = d - d % BLOCK_DK
+    the fixed order k0 = 0, BLOCK_DK, …. EVEN_K (BLOCK_DK divides d, known to the planner): no column
+    mask; otherwise the chunks are masked at d (only the last one has columns past it) — one loop body
+    either way (a separate unmasked loop plus a masked tail chunk spilled on sm_80)."""
     s = tl.zeros([a64.shape[0], b64.shape[0]], dtype=tl.float32)
-    for k0 in range(0, d_full, BLOCK_DK):
+    for k0 in range(0, d, BLOCK_DK):
         s += chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_br, stride_bd,
-                       MASK_K=False, BLOCK_DK=BLOCK_DK, DOT_DT=DOT_DT, INTERPRET=INTERPRET)
-    if not EVEN_K:  # the last, partial chunk
-        s += chunk_dot(A, B, a64, amask, b64, bmask, d_full, d, stride_ar, stride_ad, stride_br, stride_bd,
-                       MASK_K=True, BLOCK_DK=BLOCK_DK, DOT_DT=DOT_DT, INTERPRET=INTERPRET)
+                       MASK_K=not EVEN_K, BLOCK_DK=BLOCK_DK, DOT_DT=DOT_DT, INTERPRET=INTERPRET)
     return s
 
 

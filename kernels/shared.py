@@ -35,8 +35,8 @@ memory.
 
 Any d: up to 256 (16-bit) / 128 (fp32) the feature dimension lives in one register tile
 (BLOCK_D = next_pow2(d)). Beyond, ``D_LOOP``: scores S = Σ_k Q_k·V_kᵀ over K chunks of BLOCK_DK
-columns (``_rowmath.looped_dot``, fp32, a fixed order; the last chunk masked only when BLOCK_DK does
-not divide d, ``EVEN_K``), and the gradient accumulator cut into output chunks of BLOCK_D columns,
+columns (``_rowmath.looped_dot``, fp32, a fixed order; column masks only when BLOCK_DK does not
+divide d, ``EVEN_K``), and the gradient accumulator cut into output chunks of BLOCK_D columns,
 one per program along an extra grid axis (rows pass: axis 2, items pass: axis 1). Each output-chunk
 program recomputes the scores over all of d; the per-row values it derives are the same bits in
 every chunk and only chunk 0 stores them (docs/roofline.md, "Shared layout: a K loop over d").
