@@ -110,11 +110,15 @@ SHARED_TILES = {
 SMOOTH_ROWS = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8), 256: (32, 16, 8)}
 
 
-# K loop over d of the shared layout (d > register_d): the widest output chunk of a program's
-# gradient accumulator (∂q of the rows pass, ∂V of the items pass) — the accumulator width of the
-# register path's largest tile, so the tiles of SHARED_TILES[SHARED_DO] hold it — and the K chunks
-# of the score MMA, largest first (the first whose last chunk pads d by at most d/8).
-SHARED_DO = {False: 256, True: 128}
+# K loop over d of the shared layout (d > register_d): the output chunk of a program's gradient
+# accumulator — ∂q in the rows pass (SHARED_DO), ∂V in the items pass (SHARED_DO_ITEMS) — with the
+# tiles of SHARED_TILES at that width, and the K chunks of the score MMA, largest first (the first
+# whose last chunk pads d by at most d/8). 16-bit rows pass: 128 columns (64 × 64 tiles) beat 256
+# (its 32 × 32 tiles with per-pair masks) by 3.2× in static cycles per score although the score MMA
+# repeats 3 times instead of 2 at d = 320; the items pass keeps 256 (64 × 32), 9–32 % below 128
+# (scripts/sass_shared_dloop.py, docs/roofline.md).
+SHARED_DO = {False: 128, True: 128}
+SHARED_DO_ITEMS = {False: 256, True: 128}
 SHARED_DK = (64, 32, 16)
 
 
@@ -124,9 +128,9 @@ def fit_chunk(d: int, chunks: tuple[int, ...]) -> int:
 
 
 def shared_chunks(d: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_DK, BLOCK_D) of the shared kernels: (0, next_pow2(d)) for d ≤ :func:`register_d` (d in
+    """(BLOCK_DK, BLOCK_D) of the shared rows pass: (0, next_pow2(d)) for d ≤ :func:`register_d` (d in
     registers, no K loop); else the K chunk of the scores and the output chunk (:data:`SHARED_DO`):
-    d = 320, bf16 → K chunks of 64 (5), output chunks of 256 (2)."""
+    d = 320, bf16 → K chunks of 64 (5), output chunks of 128 (3)."""
     if d <= register_d(dtype):
         return 0, max(16, next_pow2(d))
     return fit_chunk(d, SHARED_DK), SHARED_DO[_wide(dtype)]
@@ -139,7 +143,9 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
     ``arch``: the compute capability ×10 (sm_80's mma.sync keeps more operands in registers). With a
     K loop over d (``block_dk`` > 0) the tiles are those of the output chunk's width."""
     block_dk, block_d = shared_chunks(d, dtype)
-    (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
+    block_d_items = SHARED_DO_ITEMS[_wide(dtype)] if block_dk else block_d
+    (br, bn, w_rows), _ = SHARED_TILES[_wide(dtype)][block_d]
+    _, (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d_items]
     if smooth and (pairs or block_d == 256) and not _wide(dtype):
         br, bn, w_rows = SMOOTH_ROWS[block_d]
     elif pairs and not _wide(dtype) and block_d == 256:
@@ -148,7 +154,7 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
         w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps can spill with mma.sync
     stages = 1 if _wide(dtype) else 2
     return (TileConfig(br, bn, block_d, w_rows, stages, block_dk=block_dk),
-            TileConfig(br_i, bn_i, block_d, w_items, stages, block_dk=block_dk))
+            TileConfig(br_i, bn_i, block_d_items, w_items, stages, block_dk=block_dk))
 
 
 # Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has at most half as many row
@@ -264,7 +270,9 @@ def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConf
     block_dk = fit_chunk(d, SHARED_DK) if d > register_d(dtype) else 0
     block_d = block_dk or max(16, next_pow2(d))
     block_r, block_n, warps = RANK_TILES[_wide(dtype)][block_d]
-    if k is None:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 bytes on sm_80)
+    if k is None and not block_dk:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 B on sm_80)
         return TileConfig(block_r, block_n, block_d, warps, block_dk=block_dk)
-    block_r = 16 if _wide(dtype) or topk_width(k) > 64 else 32
+    # top-k, and the rank count with the K loop (its RANK_TILES tile spilled 40–56 B at d = 500, whose
+    # unaligned rows make every chunk load scalar): 8 warps, 32 rows (16 for wide inputs and buckets)
+    block_r = 16 if _wide(dtype) or (k is not None and topk_width(k) > 64) else 32
     return TileConfig(block_r, 32, block_d, 8, block_dk=block_dk)

@@ -24,18 +24,20 @@ interpreted = pytest.mark.skipif(not triton_backend.interpreting(),
 
 @pytest.mark.parametrize(("d", "dtype", "chunks"), [
     (64, BF16, (0, 64)), (96, BF16, (0, 128)), (256, BF16, (0, 256)), (128, F32, (0, 128)),
-    (320, BF16, (64, 256)), (513, BF16, (64, 256)), (257, BF16, (32, 256)), (192, F32, (64, 128)),
-    (129, F32, (16, 128)), (4096, BF16, (64, 256))])
+    (320, BF16, (64, 128)), (513, BF16, (64, 128)), (257, BF16, (32, 128)), (192, F32, (64, 128)),
+    (129, F32, (16, 128)), (4096, BF16, (64, 128))])
 def test_shared_chunks(d: int, dtype: torch.dtype, chunks: tuple[int, int]) -> None:
     """d in registers up to 256 (16-bit) / 128 (fp32), today's tiles; beyond, K chunks padding d by ≤ d/8
-    (16 else) and output chunks of SHARED_DO columns, with the tiles of that width."""
+    (16 else) and output chunks of SHARED_DO (rows) / SHARED_DO_ITEMS (items) columns, with the
+    register path's tiles of those widths."""
     assert config.shared_chunks(d, dtype) == chunks
     rows, items = config.shared_configs(d, dtype)
-    assert rows.block_dk == items.block_dk == chunks[0] and rows.block_d == items.block_d == chunks[1]
+    items_d = config.SHARED_DO_ITEMS[dtype == F32] if chunks[0] else chunks[1]
+    assert rows.block_dk == items.block_dk == chunks[0] and (rows.block_d, items.block_d) == (chunks[1], items_d)
     if chunks[0]:
         assert -(-d // chunks[0]) * chunks[0] - d <= max(d // 8, 15)
-        assert (rows, items) == tuple(dataclasses.replace(c, block_dk=chunks[0])
-                                      for c in config.shared_configs(chunks[1], dtype))
+        assert rows == dataclasses.replace(config.shared_configs(chunks[1], dtype)[0], block_dk=chunks[0])
+        assert items == dataclasses.replace(config.shared_configs(items_d, dtype)[1], block_dk=chunks[0])
     assert all(config.max_d(kernel, dtype) is None for kernel in ("shared", "per_row", "indexed", "ranking"))
 
 
@@ -58,13 +60,14 @@ def test_k_loop_grids_and_workspace_have_no_rxn_term(R: int, d: int, dtype: torc
     plans = {N: _shared_plan(R, N, d, dtype) for N in (1 << 16, 1 << 20)}
     block_dk, block_d = config.shared_chunks(d, dtype)
     chunks = -(-d // block_d)
+    item_chunks = -(-d // (config.SHARED_DO_ITEMS[dtype == F32]))
     for N, pl in plans.items():
         rows = [s for s in pl.launches if s.name == "shared_rows_kernel"]
         (items,) = [s for s in pl.launches if s.name == "shared_items_kernel"]
         assert all(s.args["D_LOOP"] and s.args["BLOCK_DK"] == block_dk for s in pl.launches)
         for s in rows:
             assert s.grid[::2] == (-(-R // s.config.block_r), chunks) and (s.grid[1] > 1) == s.args["SPLIT"]
-        assert items.grid == (-(-N // items.config.block_n), chunks)
+        assert items.grid == (-(-N // items.config.block_n), item_chunks)
         merges = [s for s in pl.launches if s.name == "shared_rows_kernel:merge"]
         assert bool(merges) == (R < 65536)  # S·(row blocks)·(output chunks) ≤ SMs
         for s in merges:
@@ -106,8 +109,9 @@ DLOOP = [  # (case, d, dtype, options): the contrastive family and pointwise los
 @pytest.mark.parametrize(("case", "d", "dtype", "opts"), DLOOP,
                          ids=[f"{c.id}-d{d}-{str(t)[6:]}" for c, d, t, _ in DLOOP])
 def test_k_loop_matches_oracle(case, d: int, dtype: torch.dtype, opts: dict, gen: torch.Generator) -> None:
-    """Loss and every gradient (∂q, ∂pos, ∂neg) through the K loop; the output chunks split d (2 of 256
-    at d = 320 bf16, 3 of 128 at 320 fp32, 2 × 128 at 192 fp32, 5 × 128 fp32 / 3 × 256 bf16 at 513)."""
+    """Loss and every gradient (∂q, ∂pos, ∂neg) through the K loop; the output chunks split d (d = 320:
+    3 of 128 in the rows pass, 2 of 256 in the bf16 items pass; 192 fp32: 2 × 128; 513: 5 × 128 rows,
+    3 × 256 bf16 items)."""
     assert config.shared_chunks(d, dtype)[0] > 0
     opts = dict(opts)
     check_case(case, "triton", make_inputs("shared", 5, opts.pop("N", 40), d, gen=gen, **opts), dtype)

@@ -245,7 +245,7 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
         out.launches.append(Launch(shared_rows_kernel, grid(triton.cdiv(p.R, merge_cfg.block_r), merge_cfg),
                                    _bind(shared_rows_kernel, merge), merge_cfg))
     if out.grad_neg is not None and p.N > 0:
-        items = dict(args, BLOCK_R=items_cfg.block_r, BLOCK_N=items_cfg.block_n)
+        items = dict(args, BLOCK_R=items_cfg.block_r, BLOCK_N=items_cfg.block_n, BLOCK_D=items_cfg.block_d)
         item_grid = grid(triton.cdiv(p.N, items_cfg.block_n), items_cfg)
         out.launches.append(Launch(shared_items_kernel, item_grid[:1] + item_grid[2:],
                                    _bind(shared_items_kernel, items), items_cfg))
