@@ -9,9 +9,10 @@ positives from the table, every gradient), and the test suite asserts it.
 * shared layout: any d. Up to :data:`MAX_D` (16-bit) / :data:`MAX_D_SHARED_FP32` (fp32) inputs,
   ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in registers (``tl.dot``
   needs ≥ 16). Beyond (:func:`shared_chunks`), a K loop over d (``D_LOOP``): the score MMA runs over
-  K chunks of ``block_dk`` columns (only the last masked) and each program owns one output chunk of
-  ``BLOCK_D`` = :data:`SHARED_DO` columns of the gradient accumulator (a grid axis), recomputing the
-  scores over all of d (``kernels/shared.py``). The full-ranking kernel (scores only) loops over d
+  K chunks of ``block_dk`` columns (masked only when they do not divide d) and each program owns one
+  output chunk of the gradient accumulator (a grid axis: :data:`SHARED_DO` columns of ∂q in the rows
+  pass, :data:`SHARED_DO_ITEMS` of ∂V in the items pass), recomputing the scores over all of d
+  (``kernels/shared.py``). The full-ranking kernel (scores only) loops over d
   in K chunks beyond the same bound.
 * per-row / indexed layouts: any d. Up to d = 64, and for powers of two up to 256, ``BLOCK_D`` =
   next_pow2(d) holds d in registers; otherwise (:func:`gathered_block_d`) the kernels run a K loop
@@ -25,8 +26,8 @@ positives from the table, every gradient), and the test suite asserts it.
   inner tile (BLOCK_N of the rows pass, BLOCK_R of the items pass) shrinks and the warps grow with
   d. fp32 inputs run 3×TF32 dots whose operands are split in two 4-byte halves, so they keep
   smaller tiles, one stage, and hold d in registers up to d = 128. With the K loop over d the tiles
-  are those of the output chunk's width (256 / 128 columns): a K-loop program keeps one K chunk of
-  Q and V instead of the resident query block, so it needs no more registers than that tile.
+  are those of the output chunk's width (rows 128, 16-bit items 256): a K-loop program keeps one K
+  chunk of Q and V instead of the resident block, so it needs no more registers than that tile.
 * per-row / indexed layouts (batched mat-vec, no reuse across rows): one [BLOCK_R, BLOCK_N,
   BLOCK_D] fp32 tile of :data:`GATHER_TILE` elements over 4 warps (16 elements per thread),
   BLOCK_N = min(next_pow2(N), tile/BLOCK_D, 64) negatives per step, and BLOCK_R rows when N is
