@@ -251,18 +251,16 @@ def test_ring_logsumexp_checks_devices() -> None:
         D.ring_logsumexp(t["q"], t["neg"], ids=torch.arange(N), pos_ids=t["target"].to(META))
 
 
-# --- found in the kernels (kernels/shared.py belongs to another helper): strict xfails ----------
+# --- found in the kernels (fixed in kernels/shared.py by its owner, 43efc1d) ---------------------
 
 
 @pytest.mark.skipif(not __import__("fastrecloss.backends.triton", fromlist=["x"]).interpreting(),
                     reason="the kernels run on CPU tensors only under TRITON_INTERPRET=1 (conftest.py)")
-@pytest.mark.xfail(strict=True, reason="kernels/shared.py shared_rows_kernel: with an [N] neg_mask (MASK_MODE 1) "
-                   "and pair exclusions (HAS_HITS: accidental hits or the in-batch diagonal) the count n_r is "
-                   "Σ pair_keep, which ignores the column mask (it lives in item_bias): masked columns are counted, "
-                   "so mine/mine_plus (μ log n), the pointwise means (1/n), label smoothing (α/n) and the "
-                   "n_r = 0 rule are wrong; fix: count keep & (bias > -inf)")
 @pytest.mark.parametrize("setup", ["in_batch", "hits"])
 def test_triton_counts_a_column_mask_with_pair_exclusions(setup: str) -> None:
+    """shared_rows_kernel with an [N] neg_mask and pair exclusions (accidental hits, the in-batch diagonal)
+    counted n_r as Σ pair_keep, which ignored the column mask: mine (μ log n), the pointwise means (1/n),
+    label smoothing (α/n) and the n_r = 0 rule were wrong on backend='triton'."""
     t = _data()
     mask = torch.tensor([True, False, True, False])
     if setup == "in_batch":
