@@ -185,11 +185,10 @@ def shared_rows_kernel(
                 s = mm(q_raw, tl.trans(v), DOT_DT, INTERPRET)
             s = s * score_mul + bias[None, :]
             if MASK_MODE == 2 or HAS_HITS:
-                # the column terms (past N, a [N] mask) are in the bias: kept pairs are within kept columns
-                keep = pair_keep(rows64[:, None], rmask[:, None], cols64[None, :], (bias > float("-inf"))[None, :],
-                                 MASK, HIT_NEG, hit_pos[:, None], stride_mr, stride_mn, MASK_MODE, HAS_HITS)
+                keep = pair_keep(rows64[:, None], rmask[:, None], cols64[None, :], cmask[None, :], MASK, HIT_NEG,
+                                 hit_pos[:, None], stride_mr, stride_mn, MASK_MODE, HAS_HITS)
                 s = tl.where(keep, s, float("-inf"))
-                cnt += tl.sum(keep.to(tl.int32), 1)
+                cnt += tl.sum((s > float("-inf")).to(tl.int32), 1)  # kept pairs of kept columns (the bias)
             else:
                 cnt_items += tl.sum((bias > float("-inf")).to(tl.int32), 0)
             m, a, b, alpha, phi = update_state(s, s_pos, m, a, b, margin, KIND, INTERPRET, LAZY_TH)
