@@ -187,16 +187,21 @@ def update_state(s, s_pos, m, a, b, margin, KIND: tl.constexpr, INTERPRET: tl.co
 
 @triton.jit
 def save_partial(WS, WS_ACC, WS_VSUM, split, R, rows64, rmask, offs_d64, dmask, d, m, a, b, cnt, ssum, acc, vsum,
-                 NEED_GQ: tl.constexpr, SMOOTH: tl.constexpr):
+                 NEED_GQ: tl.constexpr, SMOOTH: tl.constexpr, STATE_MASK=None):
     """Store the partial row state of one item range (split ``split`` of a split-N row pass) in fp32:
     WS [S, 5, R] holds (m, a, b, ssum, cnt — the int32 count bit-cast), WS_ACC / WS_VSUM [S, R, d]
-    the query-gradient accumulator and label smoothing's Σ_j v_j. O(S·R·d), never R×N."""
+    the query-gradient accumulator and label smoothing's Σ_j v_j (columns ``offs_d64``). O(S·R·d),
+    never R×N. ``STATE_MASK`` (default ``rmask``) restricts the rows whose WS state this program writes
+    (a K loop over d: only the first output chunk's program writes it)."""
+    smask = rmask
+    if STATE_MASK is not None:
+        smask = STATE_MASK
     base = WS + split.to(tl.int64) * 5 * R + rows64
-    tl.store(base, m, mask=rmask)
-    tl.store(base + R, a, mask=rmask)
-    tl.store(base + 2 * R, b, mask=rmask)
-    tl.store(base + 3 * R, ssum, mask=rmask)
-    tl.store(base + 4 * R, cnt.to(tl.float32, bitcast=True), mask=rmask)
+    tl.store(base, m, mask=smask)
+    tl.store(base + R, a, mask=smask)
+    tl.store(base + 2 * R, b, mask=smask)
+    tl.store(base + 3 * R, ssum, mask=smask)
+    tl.store(base + 4 * R, cnt.to(tl.float32, bitcast=True), mask=smask)
     if NEED_GQ:
         off = (split.to(tl.int64) * R + rows64)[:, None] * d + offs_d64[None, :]
         tl.store(WS_ACC + off, acc, mask=rmask[:, None] & dmask[None, :])
@@ -385,7 +390,7 @@ def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef,
                       LOSS, GRAD_Q, GRAD_P, ROW_SHIFT, ROW_COEF, ROW_GPOS, ROW_UNI,
                       HAS_POS: tl.constexpr, POS_FROM_TABLE: tl.constexpr, NEED_GQ: tl.constexpr,
                       NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr, ACC_SCALED: tl.constexpr,
-                      STATS_SCALED: tl.constexpr, SMOOTH: tl.constexpr):
+                      STATS_SCALED: tl.constexpr, SMOOTH: tl.constexpr, STATS_MASK=None):
     """Write the row loss, ∂/∂q_r = coef_s·acc + uni_s·vsum + g+_s·p_r, ∂/∂p_r = g+_s·q_r and the
     saved stats.
 
@@ -395,10 +400,15 @@ def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef,
     stats are (shift, coef_s, g+_s, uni_s) with STATS_SCALED (an item pass of the same call consumes
     them), else (shift, coef, g_pos, uni) (a later gradient pass scales them by its own row scale). The loss is
     not written when LOSS is None (a gradient pass from saved stats). q_r and p_r are re-read here
-    rather than kept in registers across the item loop.
+    rather than kept in registers across the item loop. ``STATS_MASK`` (default ``rmask``) restricts
+    the rows whose loss and stats this program writes (a K loop over d: the gradients of columns
+    ``offs_d64`` come from every output chunk's program, the per-row values from the first).
     """
+    smask = rmask
+    if STATS_MASK is not None:
+        smask = STATS_MASK
     if LOSS is not None:
-        tl.store(LOSS + rows64, loss, mask=rmask)
+        tl.store(LOSS + rows64, loss, mask=smask)
     coef_s = coef * scale
     g_pos_s = g_pos * scale
     out_mask = rmask[:, None] & dmask[None, :]
@@ -419,12 +429,71 @@ def store_row_outputs(rows64, rmask, offs_d64, dmask, d, acc, loss, shift, coef,
         q = tl.load(Q + rows64[:, None] * stride_qr + offs_d64[None, :] * stride_qd, mask=out_mask, other=0.0)
         tl.store(GRAD_P + out_off, (g_pos_s[:, None] * q.to(tl.float32)).to(GRAD_P.dtype.element_ty), mask=out_mask)
     if SAVE_STATS:
-        tl.store(ROW_SHIFT + rows64, shift, mask=rmask)
+        tl.store(ROW_SHIFT + rows64, shift, mask=smask)
         if STATS_SCALED:
-            tl.store(ROW_COEF + rows64, coef_s, mask=rmask)
-            tl.store(ROW_GPOS + rows64, g_pos_s, mask=rmask)
-            tl.store(ROW_UNI + rows64, uni * scale, mask=rmask)
+            tl.store(ROW_COEF + rows64, coef_s, mask=smask)
+            tl.store(ROW_GPOS + rows64, g_pos_s, mask=smask)
+            tl.store(ROW_UNI + rows64, uni * scale, mask=smask)
         else:
-            tl.store(ROW_COEF + rows64, coef, mask=rmask)
-            tl.store(ROW_GPOS + rows64, g_pos, mask=rmask)
-            tl.store(ROW_UNI + rows64, uni, mask=rmask)
+            tl.store(ROW_COEF + rows64, coef, mask=smask)
+            tl.store(ROW_GPOS + rows64, g_pos, mask=smask)
+            tl.store(ROW_UNI + rows64, uni, mask=smask)
+
+
+@triton.jit
+def chunk_block(pid, n_rows, pid_d, d, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Block ``pid`` of the rows of a [n_rows, d] matrix and output chunk ``pid_d`` of its columns (a K
+    loop over d): int64 row offsets, row mask, int64 offsets of the chunk's BLOCK_D columns, their mask."""
+    rows64 = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs_d64 = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return rows64, rows64 < n_rows, offs_d64, offs_d64 < d
+
+
+@triton.jit
+def chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_br, stride_bd, MASK_K: tl.constexpr,
+              BLOCK_DK: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """A[a, k0:k0+BLOCK_DK] · B[b, k0:k0+BLOCK_DK]ᵀ in fp32 (:func:`mm`); MASK_K: the columns are masked
+    at d (a chunk may run past it)."""
+    offs = k0 + tl.arange(0, BLOCK_DK).to(tl.int64)
+    a_mask = amask[:, None]
+    b_mask = bmask[:, None]
+    if MASK_K:
+        a_mask = a_mask & (offs < d)[None, :]
+        b_mask = b_mask & (offs < d)[None, :]
+    a = tl.load(A + a64[:, None] * stride_ar + offs[None, :] * stride_ad, mask=a_mask, other=0.0)
+    b = tl.load(B + b64[:, None] * stride_br + offs[None, :] * stride_bd, mask=b_mask, other=0.0)
+    return mm(a, tl.trans(b), DOT_DT, INTERPRET)
+
+
+@triton.jit
+def looped_dot(A, B, a64, amask, b64, bmask, d, stride_ar, stride_ad, stride_br, stride_bd, BLOCK_DK: tl.constexpr,
+               EVEN_K: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr):
+    """S = A[a]·B[b]ᵀ [len(a), len(b)] over all of d, accumulated in fp32 over K chunks of BLOCK_DK in
+    the fixed order k0 = 0, BLOCK_DK, …. EVEN_K (BLOCK_DK divides d, known to the planner): no column
+    mask; otherwise the chunks are masked at d (only the last one has columns past it) — one loop body
+    either way (a separate unmasked loop plus a masked tail chunk spilled on sm_80)."""
+    s = tl.zeros([a64.shape[0], b64.shape[0]], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_DK):
+        s += chunk_dot(A, B, a64, amask, b64, bmask, k0, d, stride_ar, stride_ad, stride_br, stride_bd,
+                       MASK_K=not EVEN_K, BLOCK_DK=BLOCK_DK, DOT_DT=DOT_DT, INTERPRET=INTERPRET)
+    return s
+
+
+@triton.jit
+def looped_positive_score(Q, POS, POS_IDX, TABLE, rows64, rmask, d, stride_qr, stride_qd, stride_pr, stride_pd,
+                          stride_tr, stride_td, n_table, POS_LOG_Q, inv_tau, POS_FROM_TABLE: tl.constexpr,
+                          HAS_POS_LOG_Q: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """:func:`positive_score` over d in chunks of BLOCK_DK (a K loop over d: q_r is not held in registers)."""
+    offs_k = tl.arange(0, BLOCK_DK).to(tl.int64)
+    s_pos = tl.zeros(rows64.shape, dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_DK):
+        offs = k0 + offs_k
+        dm = offs < d
+        q = tl.load(Q + rows64[:, None] * stride_qr + offs[None, :] * stride_qd, mask=rmask[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
+        s_pos += positive_score(q, POS, POS_IDX, TABLE, rows64, rmask, offs, dm, stride_pr, stride_pd,
+                                stride_tr=stride_tr, stride_td=stride_td, n_table=n_table, POS_LOG_Q=POS_LOG_Q,
+                                inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=False)
+    if HAS_POS_LOG_Q:
+        s_pos -= tl.load(POS_LOG_Q + rows64, mask=rmask, other=0.0).to(tl.float32)
+    return s_pos

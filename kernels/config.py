@@ -6,8 +6,14 @@ Every kernel keeps its tiles in registers, so the budget that matters is registe
 sm_80 and sm_90 with zero spills, for the heaviest option set (logQ, [R, N] mask, accidental hits,
 positives from the table, every gradient), and the test suite asserts it.
 
-* shared layout: ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in
-  registers (``tl.dot`` needs ≥ 16), hence a maximum d (:func:`max_d`).
+* shared layout: any d. Up to :data:`MAX_D` (16-bit) / :data:`MAX_D_SHARED_FP32` (fp32) inputs,
+  ``BLOCK_D`` = next power of two ≥ d: the whole feature dimension lives in registers (``tl.dot``
+  needs ≥ 16). Beyond (:func:`shared_chunks`), a K loop over d (``D_LOOP``): the score MMA runs over
+  K chunks of ``block_dk`` columns (masked only when they do not divide d) and each program owns one
+  output chunk of the gradient accumulator (a grid axis: :data:`SHARED_DO` columns of ∂q in the rows
+  pass, :data:`SHARED_DO_ITEMS` of ∂V in the items pass), recomputing the scores over all of d
+  (``kernels/shared.py``). The full-ranking kernel (scores only) loops over d
+  in K chunks beyond the same bound.
 * per-row / indexed layouts: any d. Up to d = 64, and for powers of two up to 256, ``BLOCK_D`` =
   next_pow2(d) holds d in registers; otherwise (:func:`gathered_block_d`) the kernels run a K loop
   over d in ``BLOCK_D`` chunks (``D_LOOP``; only the last chunk is masked) and keep the ∂q / ∂table
@@ -19,7 +25,9 @@ positives from the table, every gradient), and the test suite asserts it.
   tile, the gradient accumulator [64, BLOCK_D] and the MMA operands are live together, so the
   inner tile (BLOCK_N of the rows pass, BLOCK_R of the items pass) shrinks and the warps grow with
   d. fp32 inputs run 3×TF32 dots whose operands are split in two 4-byte halves, so they keep
-  smaller tiles, one stage, and stop at d = 128.
+  smaller tiles, one stage, and hold d in registers up to d = 128. With the K loop over d the tiles
+  are those of the output chunk's width (rows 128, 16-bit items 256): a K-loop program keeps one K
+  chunk of Q and V instead of the resident block, so it needs no more registers than that tile.
 * per-row / indexed layouts (batched mat-vec, no reuse across rows): one [BLOCK_R, BLOCK_N,
   BLOCK_D] fp32 tile of :data:`GATHER_TILE` elements over 4 warps (16 elements per thread),
   BLOCK_N = min(next_pow2(N), tile/BLOCK_D, 64) negatives per step, and BLOCK_R rows when N is
@@ -54,6 +62,7 @@ class TileConfig:
     # ptxas may cap itself at 64–128 registers and spill a few bytes when left to choose (seen with
     # Triton 3.9's ptxas flags); an explicit .maxnreg 255 keeps every configuration spill-free.
     maxnreg: int = 255
+    block_dk: int = 0  # K chunk of a K loop over d (shared layout, D_LOOP); 0: no K loop
 
 
 def next_pow2(x: int) -> int:
@@ -65,18 +74,22 @@ def _wide(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
 
 
-def max_d(layout: str, dtype: torch.dtype) -> int | None:
-    """Largest d of a layout (None: any d — the per-row and indexed layouts loop over d)."""
-    if layout != "shared":
-        return None
+def register_d(dtype: torch.dtype) -> int:
+    """Largest d whose feature dimension the shared-layout kernels hold in one register tile."""
     return MAX_D_SHARED_FP32 if _wide(dtype) else MAX_D
+
+
+def max_d(layout: str, dtype: torch.dtype) -> int | None:
+    """Largest d of a kernel family: None (any d) for every one — the loss layouts and the full-ranking
+    kernel loop over d when it does not fit in registers (kept so callers can ask)."""
+    return None
 
 
 def check_d(d: int, layout: str, dtype: torch.dtype) -> None:
     limit = max_d(layout, dtype)
     if limit is not None and d > limit:
-        raise ValueError(f"backend='triton' supports d <= {limit} for {dtype} inputs in the {layout} layout (the "
-                         f"feature dimension is held in registers; the per-row and indexed layouts take any d), "
+        raise ValueError(f"backend='triton' supports d <= {limit} for {dtype} inputs in the {layout} kernel (the "
+                         f"feature dimension is held in registers; the loss kernels take any d), "
                          f"got d = {d}; use backend='torch'" + (" or bf16 inputs" if limit < MAX_D else ""))
 
 
@@ -98,14 +111,42 @@ SHARED_TILES = {
 SMOOTH_ROWS = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (32, 32, 8), 256: (32, 16, 8)}
 
 
+# K loop over d of the shared layout (d > register_d): the output chunk of a program's gradient
+# accumulator — ∂q in the rows pass (SHARED_DO), ∂V in the items pass (SHARED_DO_ITEMS) — with the
+# tiles of SHARED_TILES at that width, and the K chunks of the score MMA, largest first (the first
+# whose last chunk pads d by at most d/8). 16-bit rows pass: 128 columns (64 × 64 tiles) beat 256
+# (its 32 × 32 tiles with per-pair masks) by 3.2× in static cycles per score although the score MMA
+# repeats 3 times instead of 2 at d = 320; the items pass keeps 256 (64 × 32), 9–32 % below 128
+# (scripts/sass_shared_dloop.py, docs/roofline.md).
+SHARED_DO = {False: 128, True: 128}
+SHARED_DO_ITEMS = {False: 256, True: 128}
+SHARED_DK = (64, 32, 16)
+
+
+def fit_chunk(d: int, chunks: tuple[int, ...]) -> int:
+    """The largest of ``chunks`` whose last chunk pads d by at most d/8, else the smallest."""
+    return next((c for c in chunks if -(-d // c) * c - d <= d // 8), chunks[-1])
+
+
+def shared_chunks(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_DK, BLOCK_D) of the shared rows pass: (0, next_pow2(d)) for d ≤ :func:`register_d` (d in
+    registers, no K loop); else the K chunk of the scores and the output chunk (:data:`SHARED_DO`):
+    d = 320, bf16 → K chunks of 64 (5), output chunks of 128 (3)."""
+    if d <= register_d(dtype):
+        return 0, max(16, next_pow2(d))
+    return fit_chunk(d, SHARED_DK), SHARED_DO[_wide(dtype)]
+
+
 def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool = False,
                    arch: int = 90) -> tuple[TileConfig, TileConfig]:
     """(rows pass, items pass) tiles; both as TileConfig(block_r, block_n, ...). ``smooth``: label
     smoothing is on; ``pairs``: a per-(row, item) mask (an [R, N] mask or accidental hits) is;
-    ``arch``: the compute capability ×10 (sm_80's mma.sync keeps more operands in registers)."""
-    check_d(d, "shared", dtype)
-    block_d = max(16, next_pow2(d))
-    (br, bn, w_rows), (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d]
+    ``arch``: the compute capability ×10 (sm_80's mma.sync keeps more operands in registers). With a
+    K loop over d (``block_dk`` > 0) the tiles are those of the output chunk's width."""
+    block_dk, block_d = shared_chunks(d, dtype)
+    block_d_items = SHARED_DO_ITEMS[_wide(dtype)] if block_dk else block_d
+    (br, bn, w_rows), _ = SHARED_TILES[_wide(dtype)][block_d]
+    _, (bn_i, br_i, w_items) = SHARED_TILES[_wide(dtype)][block_d_items]
     if smooth and (pairs or block_d == 256) and not _wide(dtype):
         br, bn, w_rows = SMOOTH_ROWS[block_d]
     elif pairs and not _wide(dtype) and block_d == 256:
@@ -113,7 +154,8 @@ def shared_configs(d: int, dtype: torch.dtype, smooth: bool = False, pairs: bool
     elif pairs and not _wide(dtype) and arch < 90:
         w_rows = max(w_rows, 8)  # the keep tile and the int32 id codes: 4 warps can spill with mma.sync
     stages = 1 if _wide(dtype) else 2
-    return TileConfig(br, bn, block_d, w_rows, stages), TileConfig(br_i, bn_i, block_d, w_items, stages)
+    return (TileConfig(br, bn, block_d, w_rows, stages, block_dk=block_dk),
+            TileConfig(br_i, bn_i, block_d_items, w_items, stages, block_dk=block_dk))
 
 
 # Small-R grids (flash-decoding, issue #12 item 3): when the rows pass has at most half as many row
@@ -154,10 +196,11 @@ def split_count(row_blocks: int, n_tiles: int, sm_count: int = SM_COUNT, splits:
     return (-(-n_tiles // per_split) if per_split else 1), per_split
 
 
-def merge_config(d: int) -> TileConfig:
-    """The merge kernel of a split rows pass: [BLOCK_R, BLOCK_D] blocks of MERGE_TILE elements."""
-    block_d = max(16, next_pow2(d))
-    return TileConfig(max(1, min(64, MERGE_TILE // block_d)), 1, block_d, 4)
+def merge_config(d: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """The merge kernel of a split rows pass: [BLOCK_R, BLOCK_D] blocks of MERGE_TILE elements; with a K
+    loop over d, blocks of the rows pass's output chunk (one merge program per row block and chunk)."""
+    block_dk, block_d = shared_chunks(d, dtype)
+    return TileConfig(max(1, min(64, MERGE_TILE // block_d)), 1, block_d, 4, block_dk=block_dk)
 
 
 def gathered_block_d(d: int) -> int:
@@ -169,7 +212,7 @@ def gathered_block_d(d: int) -> int:
     block = next_pow2(d)
     if d <= 64 or (block == d and d <= MAX_D):
         return block
-    return next((dk for dk in GATHER_DK if -(-d // dk) * dk - d <= d // 8), 16)
+    return fit_chunk(d, GATHER_DK + (16,))
 
 
 def gathered_config(d: int, n: int, layout: str = "per_row", dtype: torch.dtype = torch.float32) -> TileConfig:
@@ -191,6 +234,8 @@ def segment_config(d: int) -> TileConfig:
 # per-row/indexed both a small and a large N.
 AOT_D = (16, 32, 64, 128, 256)
 AOT_D_GATHERED = (96, 320, 1024)  # per-row / indexed only: the K loop over d (chunks of 32, 64, 128)
+# shared: the K loop over d (K chunks of 64; output chunks of 256 bf16, 128 fp32), 500 with a masked last K chunk
+AOT_D_SHARED_LOOP = (320, 500)
 AOT_DTYPES = (torch.bfloat16, torch.float32)
 AOT_N = (8, 1024)
 
@@ -219,11 +264,16 @@ RANK_TILES = {
 
 
 def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConfig:
-    """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k."""
-    check_d(d, "shared", dtype)
-    block_d = max(16, next_pow2(d))
+    """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k. Beyond
+    :func:`register_d`, a K loop over d in chunks of ``block_dk`` (= ``block_d``) with the tile of that
+    width: only a chunk of the query block is live, as in the register tile of d = ``block_dk``."""
+    check_d(d, "ranking", dtype)
+    block_dk = fit_chunk(d, SHARED_DK) if d > register_d(dtype) else 0
+    block_d = block_dk or max(16, next_pow2(d))
     block_r, block_n, warps = RANK_TILES[_wide(dtype)][block_d]
-    if k is None:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 bytes on sm_80)
-        return TileConfig(block_r, block_n, block_d, warps)
-    block_r = 16 if _wide(dtype) or topk_width(k) > 64 else 32
-    return TileConfig(block_r, 32, block_d, 8)
+    if k is None and not block_dk:  # 32-item tiles at least (a 16-wide fp32 tile at d = 128 spilled 8 B on sm_80)
+        return TileConfig(block_r, block_n, block_d, warps, block_dk=block_dk)
+    # top-k, and the rank count with the K loop (its RANK_TILES tile spilled 40–56 B at d = 500, whose
+    # unaligned rows make every chunk load scalar): 8 warps, 32 rows (16 for wide inputs and buckets)
+    block_r = 16 if _wide(dtype) or (k is not None and topk_width(k) > 64) else 32
+    return TileConfig(block_r, 32, block_d, 8, block_dk=block_dk)

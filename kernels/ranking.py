@@ -18,6 +18,10 @@ keeps per row depends on ``TOPK``:
 Excluded items (a row's history) come as sorted CSR lists; each row keeps a cursor into its list
 and, per tile, a short loop masks the entries that fall inside the tile (as many steps as the
 most excluded items any row of the block has in that tile).
+
+Any d: up to 256 (16-bit) / 128 (fp32) the query block stays in registers (BLOCK_D = next_pow2(d));
+beyond, ``D_LOOP``: every score tile (the target's too) is accumulated over K chunks of BLOCK_DK
+columns (``_rowmath.looped_dot``, one fixed order, so a tie stays a tie), nothing d-long is kept.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._rowmath import load_block, mm
+from ._rowmath import load_block, looped_dot, mm
 
 LOW_MASK: tl.constexpr = tl.constexpr(0xFFFFFFFF)
 EMPTY_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every real key: "no item" (score −inf, id −1)
@@ -75,18 +79,29 @@ def ranking_kernel(
     R, N_ITEMS, d, stride_qr, stride_qd, stride_tr, stride_td, inv_tau,
     TOPK: tl.constexpr, HAS_EX: tl.constexpr, TIES_BY_INDEX: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    DOT_DT: tl.constexpr, EMULATE_DOT: tl.constexpr, D_LOOP: tl.constexpr = False, BLOCK_DK: tl.constexpr = 16,
+    EVEN_K: tl.constexpr = True,
 ):
     """Rows of one block against all N_ITEMS items: the target's rank [R] or the top-K_PAD keys [R, K_PAD]."""
-    rows64, rmask, offs_d64, dmask, q = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R, BLOCK_D)
+    if D_LOOP:  # q is read in K chunks with every tile
+        rows64 = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows64 < R
+    else:
+        rows64, rmask, offs_d64, dmask, q = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R,
+                                                       BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     target = tl.zeros([BLOCK_R], dtype=tl.int64) - 1
     s_t = tl.zeros([BLOCK_R], dtype=tl.float32)
     if not TOPK:
         target = tl.load(TARGET + rows64, mask=rmask, other=0).to(tl.int64)
-        t = tl.load(TABLE + target[:, None] * stride_tr + offs_d64[None, :] * stride_td,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        own = mm(q, tl.trans(t), DOT_DT, EMULATE_DOT) * inv_tau  # [BR, BR]: the diagonal is s_rt
+        if D_LOOP:
+            own = looped_dot(Q, TABLE, rows64, rmask, target, rmask, d, stride_ar=stride_qr, stride_ad=stride_qd,
+                             stride_br=stride_tr, stride_bd=stride_td, BLOCK_DK=BLOCK_DK, EVEN_K=EVEN_K,
+                             DOT_DT=DOT_DT, INTERPRET=EMULATE_DOT) * inv_tau
+        else:
+            t = tl.load(TABLE + target[:, None] * stride_tr + offs_d64[None, :] * stride_td,
+                        mask=rmask[:, None] & dmask[None, :], other=0.0)
+            own = mm(q, tl.trans(t), DOT_DT, EMULATE_DOT) * inv_tau  # [BR, BR]: the diagonal is s_rt
         diag = tl.arange(0, BLOCK_R)[:, None] == tl.arange(0, BLOCK_R)[None, :]
         s_t = tl.sum(tl.where(diag, own, 0.0), 1)
     nxt = tl.zeros([BLOCK_R], dtype=tl.int64)
@@ -102,9 +117,14 @@ def ranking_kernel(
     for n0 in range(0, N_ITEMS, BLOCK_N):
         cols64 = n0 + offs_n.to(tl.int64)
         cmask = cols64 < N_ITEMS
-        v = tl.load(TABLE + cols64[:, None] * stride_tr + offs_d64[None, :] * stride_td,
-                    mask=cmask[:, None] & dmask[None, :], other=0.0)
-        s = mm(q, tl.trans(v), DOT_DT, EMULATE_DOT) * inv_tau
+        if D_LOOP:
+            s = looped_dot(Q, TABLE, rows64, rmask, cols64, cmask, d, stride_ar=stride_qr, stride_ad=stride_qd,
+                           stride_br=stride_tr, stride_bd=stride_td, BLOCK_DK=BLOCK_DK, EVEN_K=EVEN_K, DOT_DT=DOT_DT,
+                           INTERPRET=EMULATE_DOT) * inv_tau
+        else:
+            v = tl.load(TABLE + cols64[:, None] * stride_tr + offs_d64[None, :] * stride_td,
+                        mask=cmask[:, None] & dmask[None, :], other=0.0)
+            s = mm(q, tl.trans(v), DOT_DT, EMULATE_DOT) * inv_tau
         keep = rmask[:, None] & cmask[None, :] & (cols64[None, :] != target[:, None])
         if HAS_EX:
             keep, nxt, ex_pos = exclude_tile(keep, cols64, tl.minimum(n0 + BLOCK_N, N_ITEMS), nxt, ex_pos,

@@ -32,6 +32,14 @@ nothing a grouped program order would regroup (docs/roofline.md, "Program order"
 Both passes have the tile's first dimension (rows, items) as the MMA M dimension, ≥ 64 for 16-bit
 inputs so that sm_90 runs warp-group MMA (``kernels/config.py``). Neither writes an R×N tile to
 memory.
+
+Any d: up to 256 (16-bit) / 128 (fp32) the feature dimension lives in one register tile
+(BLOCK_D = next_pow2(d)). Beyond, ``D_LOOP``: scores S = Σ_k Q_k·V_kᵀ over K chunks of BLOCK_DK
+columns (``_rowmath.looped_dot``, fp32, a fixed order; column masks only when BLOCK_DK does not
+divide d, ``EVEN_K``), and the gradient accumulator cut into output chunks of BLOCK_D columns,
+one per program along an extra grid axis (rows pass: axis 2, items pass: axis 1). Each output-chunk
+program recomputes the scores over all of d; the per-row values it derives are the same bits in
+every chunk and only chunk 0 stores them (docs/roofline.md, "Shared layout: a K loop over d").
 """
 
 from __future__ import annotations
@@ -40,10 +48,13 @@ import triton
 import triton.language as tl
 
 from ._rowmath import (
+    chunk_block,
     finalize,
     init_state,
     kept_sum,
     load_block,
+    looped_dot,
+    looped_positive_score,
     merge_partials,
     mm,
     neg_phi,
@@ -94,7 +105,7 @@ def shared_rows_kernel(
     NEG_SUM: tl.constexpr, NEED_GQ: tl.constexpr, NEED_GP: tl.constexpr, SAVE_STATS: tl.constexpr,
     SMOOTH: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, LAZY_TH: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, D_LOOP: tl.constexpr = False, BLOCK_DK: tl.constexpr = 16, EVEN_K: tl.constexpr = True,
 ):
     """Rows r of block program_id(0): t_rj = (<q_r, v_j>/τ − logq_j)·unit over the items, streamed.
 
@@ -112,10 +123,27 @@ def shared_rows_kernel(
     program_id(0) fastest: the programs resident together are the row blocks of the same item
     range (split-major), so each range of V is fetched from HBM about once and served to every row
     block from L2, while the re-read operand is the small Q block.
+
+    D_LOOP (d beyond the register tile): program (block, s, o) owns output chunk o — columns
+    [o·BLOCK_D, (o + 1)·BLOCK_D) of ∂q (and of ∂p, Σ_j v_j): its scores are S = Σ_k Q_k·V_kᵀ over K
+    chunks of BLOCK_DK (``looped_dot``, same order in every program), so the row state and loss are
+    bit-identical across o and only o = 0 writes them (loss, row stats, coef_max, split state).
+    MERGE with D_LOOP: program (block, 0, o) folds chunk o of the partial accumulators.
     """
-    rows64, rmask, offs_d64, dmask, q_raw = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R,
-                                                       BLOCK_D)
-    if HAS_POS:
+    if D_LOOP:  # q is read in K chunks; the first output chunk writes the per-row values
+        rows64, rmask, offs_d64, dmask = chunk_block(tl.program_id(0), R, tl.program_id(2), d, BLOCK_R, BLOCK_D)
+        stats_mask = rmask & ((rows64 * 0 + tl.program_id(2)) == 0)  # (a block: the interpreter's masks)
+    else:
+        rows64, rmask, offs_d64, dmask, q_raw = load_block(Q, tl.program_id(0), R, d, stride_qr, stride_qd, BLOCK_R,
+                                                           BLOCK_D)
+        stats_mask = None  # every program writes its rows' values
+    if HAS_POS and D_LOOP:
+        s_pos = looped_positive_score(Q, POS, POS_IDX, NEG, rows64, rmask, d, stride_qr=stride_qr,
+                                      stride_qd=stride_qd, stride_pr=stride_pr, stride_pd=stride_pd,
+                                      stride_tr=stride_nn, stride_td=stride_nd, n_table=N, POS_LOG_Q=POS_LOG_Q,
+                                      inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=HAS_POS_LOG_Q,
+                                      BLOCK_DK=BLOCK_DK)
+    elif HAS_POS:
         s_pos = positive_score(q_raw.to(tl.float32), POS, POS_IDX, NEG, rows64, rmask, offs_d64, dmask, stride_pr,
                                stride_pd, stride_tr=stride_nn, stride_td=stride_nd, n_table=N, POS_LOG_Q=POS_LOG_Q,
                                inv_tau=inv_tau, POS_FROM_TABLE=POS_FROM_TABLE, HAS_POS_LOG_Q=HAS_POS_LOG_Q)
@@ -148,12 +176,19 @@ def shared_rows_kernel(
             cols64 = n0 + offs_n.to(tl.int64)
             cmask = cols64 < n_hi
             v = tl.load(NEG + cols64[:, None] * stride_nn + offs_d64[None, :] * stride_nd,
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
+                        mask=cmask[:, None] & dmask[None, :], other=0.0)  # (D_LOOP: the output chunk)
             bias = item_bias(cols64, cmask, LOG_Q, MASK, stride_mn, unit, HAS_LOG_Q, MASK_MODE)
-            s = mm(q_raw, tl.trans(v), DOT_DT, INTERPRET) * score_mul + bias[None, :]
+            if D_LOOP:
+                s = looped_dot(Q, NEG, rows64, rmask, cols64, cmask, d, stride_ar=stride_qr, stride_ad=stride_qd,
+                               stride_br=stride_nn, stride_bd=stride_nd, BLOCK_DK=BLOCK_DK, EVEN_K=EVEN_K,
+                               DOT_DT=DOT_DT, INTERPRET=INTERPRET)
+            else:
+                s = mm(q_raw, tl.trans(v), DOT_DT, INTERPRET)
+            s = s * score_mul + bias[None, :]
             if MASK_MODE == 2 or HAS_HITS:
-                keep = pair_keep(rows64[:, None], rmask[:, None], cols64[None, :], cmask[None, :], MASK, HIT_NEG,
-                                 hit_pos[:, None], stride_mr, stride_mn, MASK_MODE, HAS_HITS)
+                # the column terms (past N, a [N] mask) are in the bias: kept pairs are within kept columns
+                keep = pair_keep(rows64[:, None], rmask[:, None], cols64[None, :], (bias > float("-inf"))[None, :],
+                                 MASK, HIT_NEG, hit_pos[:, None], stride_mr, stride_mn, MASK_MODE, HAS_HITS)
                 s = tl.where(keep, s, float("-inf"))
                 cnt += tl.sum(keep.to(tl.int32), 1)
             else:
@@ -180,7 +215,7 @@ def shared_rows_kernel(
 
     if SPLIT:
         save_partial(WS, WS_ACC, WS_VSUM, tl.program_id(1), R, rows64, rmask, offs_d64, dmask, d, m, a, b, cnt, ssum,
-                     acc, vsum, NEED_GQ, SMOOTH)
+                     acc, vsum, NEED_GQ, SMOOTH, STATE_MASK=stats_mask)
     else:
         loss, shift, coef, g_pos, uni = finalize(m, a, b, cnt, s_pos, ssum, log2_eps, lam, mu, beta, neg_weight,
                                                  smooth, z_loss, KIND, HAS_POS, HAS_EPS, NEG_SUM)
@@ -193,10 +228,13 @@ def shared_rows_kernel(
                           n_table=N, LOSS=LOSS, GRAD_Q=GRAD_Q, GRAD_P=GRAD_P, ROW_SHIFT=ROW_SHIFT,
                           ROW_COEF=ROW_COEF, ROW_GPOS=ROW_GPOS, ROW_UNI=ROW_UNI, HAS_POS=HAS_POS,
                           POS_FROM_TABLE=POS_FROM_TABLE, NEED_GQ=NEED_GQ, NEED_GP=NEED_GP, SAVE_STATS=SAVE_STATS,
-                          ACC_SCALED=False, STATS_SCALED=True, SMOOTH=SMOOTH)
+                          ACC_SCALED=False, STATS_SCALED=True, SMOOTH=SMOOTH, STATS_MASK=stats_mask)
         if SAVE_STATS:
             big = tl.maximum(tl.maximum(tl.abs(coef * scale), tl.abs(g_pos * scale)), tl.abs(uni * scale))
-            tl.atomic_max(COEF_MAX, tl.max(tl.where(rmask, big, 0.0), 0))
+            big_mask = rmask
+            if D_LOOP:  # the first output chunk's programs only (coef_max starts at 0)
+                big_mask = stats_mask
+            tl.atomic_max(COEF_MAX, tl.max(tl.where(big_mask, big, 0.0), 0))
 
 
 @triton.jit
@@ -205,14 +243,19 @@ def shared_items_kernel(
     R, N, d, stride_qr, stride_qd, stride_nn, stride_nd, stride_mr, stride_mn, inv_tau, margin,
     KIND: tl.constexpr, POS_FROM_TABLE: tl.constexpr, HAS_LOG_Q: tl.constexpr, MASK_MODE: tl.constexpr,
     HAS_HITS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_DT: tl.constexpr, INTERPRET: tl.constexpr, D_LOOP: tl.constexpr = False,
+    BLOCK_DK: tl.constexpr = 16, EVEN_K: tl.constexpr = True,
 ):
     """Items j of one block: ∂/∂v_j = Σ_r G_jr q_r with G_jr = row_coef_r·φ(t_rj; row_shift_r)
     (+ row_gpos_r where pos_idx_r = j). The transposed score tile Tᵀ = V·Qᵀ [items, rows] is
     recomputed for every row block, so both products have the items as their M dimension; the
-    item bias is computed once, outside the loop."""
-    cols64, cmask, offs_d64, dmask, v = load_block(NEG, tl.program_id(0), N, d, stride_nn, stride_nd, BLOCK_N,
-                                                   BLOCK_D)
+    item bias is computed once, outside the loop. D_LOOP: program (block, o) owns columns
+    [o·BLOCK_D, (o + 1)·BLOCK_D) of ∂V and recomputes Tᵀ over K chunks of BLOCK_DK (``looped_dot``)."""
+    if D_LOOP:
+        cols64, cmask, offs_d64, dmask = chunk_block(tl.program_id(0), N, tl.program_id(1), d, BLOCK_N, BLOCK_D)
+    else:
+        cols64, cmask, offs_d64, dmask, v = load_block(NEG, tl.program_id(0), N, d, stride_nn, stride_nd, BLOCK_N,
+                                                       BLOCK_D)
     unit = score_unit(KIND)
     score_mul = inv_tau * unit
     bias = item_bias(cols64, cmask, LOG_Q, MASK, stride_mn, unit, HAS_LOG_Q, MASK_MODE)
@@ -224,8 +267,14 @@ def shared_items_kernel(
         rows64 = r0 + offs_r.to(tl.int64)
         rmask = rows64 < R
         q = tl.load(Q + rows64[:, None] * stride_qr + offs_d64[None, :] * stride_qd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
-        s = mm(v, tl.trans(q), DOT_DT, INTERPRET) * score_mul + bias[:, None]
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)  # (D_LOOP: the output chunk)
+        if D_LOOP:
+            s = looped_dot(NEG, Q, cols64, cmask, rows64, rmask, d, stride_ar=stride_nn, stride_ad=stride_nd,
+                           stride_br=stride_qr, stride_bd=stride_qd, BLOCK_DK=BLOCK_DK, EVEN_K=EVEN_K, DOT_DT=DOT_DT,
+                           INTERPRET=INTERPRET)
+        else:
+            s = mm(v, tl.trans(q), DOT_DT, INTERPRET)
+        s = s * score_mul + bias[:, None]
         if MASK_MODE == 2 or HAS_HITS:
             hit_pos = rows64
             if HAS_HITS:

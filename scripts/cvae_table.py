@@ -49,6 +49,8 @@ PAPER = {
 MODELS = {"cvae": "contrastvae", "sasrec": "sasrec"}
 RECON = {"bce": "BCE, 1 negative (published)", "sce": "full softmax"}
 SAME_EXCEPT = {"seed", "epochs", "num_items"}  # not shown as a variant's difference
+# Settings that runs from older trees do not record, with the value those trees used.
+ADDED_LATER = {"pad_to_max_len": False, "padding": "masked"}
 
 
 def _round(x: float) -> float:
@@ -168,7 +170,7 @@ def _differences(rec: dict, recs: list[dict]) -> str:
     if base is None:
         return "(no main run of this seed)"
     diff = [f"{k} {rec['hparams'][k]}" for k in rec["hparams"]
-            if k not in SAME_EXCEPT and rec["hparams"][k] != base["hparams"].get(k)]
+            if k not in SAME_EXCEPT and rec["hparams"][k] != base["hparams"].get(k, ADDED_LATER.get(k))]
     return ", ".join(diff) or "(none)"
 
 

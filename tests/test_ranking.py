@@ -108,6 +108,25 @@ def test_topk_matches_brute_force(backend, R, n_items, d, k, gen):
     assert vals.tolist() == want_vals
 
 
+@pytest.mark.parametrize(("dtype", "d"), [(torch.float32, 129), (torch.bfloat16, 320)])
+def test_triton_loops_over_d_beyond_the_register_tile(dtype, d, gen):
+    """d > 128 (fp32) / 256 (bf16): the kernel's K loop over d (16 × 9 chunks with a masked tail; 64 × 5),
+    rank with ties by index and exclusions, and a top-k, exact against the brute force."""
+    from fastrecloss.kernels import config
+
+    assert config.ranking_config(d, dtype).block_dk == (16 if d == 129 else 64)
+    q, table, target = make(gen, 6, 150, d)
+    scores = brute_scores(q, table, 0.5)
+    excluded = neighbour_exclusions(gen, scores, target)
+    got = ranking.target_rank(q.to(dtype), table.to(dtype), target, exclude=csr(excluded), temperature=0.5,
+                              ties="index", backend="triton")
+    assert got.tolist() == brute_rank(scores, target, excluded, "index")
+    vals, ids = ranking.topk(q.to(dtype), table.to(dtype), 10, exclude=csr(excluded), temperature=0.5,
+                             backend="triton")
+    want_vals, want_ids = brute_topk(scores, excluded, 10)
+    assert ids.tolist() == want_ids and vals.tolist() == want_vals
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_continuous_scores_and_non_contiguous_inputs(backend, gen):
     q, table, target = make(gen, 9, 257, 24, integer=False)

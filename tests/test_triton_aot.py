@@ -7,10 +7,10 @@ are defaults of ``kernels/config.py``, so none may spill.
 
 The default run compiles the cases of one d for one arch (``DEFAULT_DIMS`` × ``DEFAULT_ARCHS``: every
 kernel, layout and option set, both dtypes, sm_90 — the arch of the warp-group MMA and SASS checks —
-37 compilations, so a spill in a common tile still fails it); the full matrix over every d of
-``config.AOT_D`` and ``config.AOT_D_GATHERED`` (the gathered K loop) for sm_80 and sm_90 is the
-``aot_full`` marker, which CI runs after the default run (``python3 dev.py test -m aot_full
-tests/test_triton_aot.py``). Measured here: the full matrix took 11 min with 2 workers on the shared,
+so a spill in a common tile still fails it); the full matrix over every d of ``config.AOT_D``,
+``config.AOT_D_GATHERED`` (the gathered K loop) and ``config.AOT_D_SHARED_LOOP`` (the shared K loop)
+for sm_80 and sm_90 is the ``aot_full`` marker, which CI runs after the default run (``python3 dev.py
+test -m aot_full tests/test_triton_aot.py``). Measured here: the full matrix took 11 min with 2 workers on the shared,
 loaded 2-core machine after a kernel change (cold cache for the changed kernels); seconds on a warm
 cache.
 """
@@ -31,7 +31,7 @@ KERNELS = {"shared_rows_kernel", "shared_items_kernel", "shared_rows_kernel:merg
            "item_segment_kernel", "segment_merge_kernel", "ranking_kernel"}
 DEFAULT_DIMS = (64,)
 DEFAULT_ARCHS = (90,)
-EVERY_D = config.AOT_D + config.AOT_D_GATHERED
+EVERY_D = tuple(sorted(set(config.AOT_D + config.AOT_D_GATHERED + config.AOT_D_SHARED_LOOP)))
 
 
 @pytest.fixture(scope="module", params=[pytest.param((DEFAULT_DIMS, DEFAULT_ARCHS), id="d64-sm90"),
@@ -56,25 +56,28 @@ def results(aot_matrix: tuple[tuple[int, ...], tuple[int, ...]]) -> list[aot.Res
 def _expected_tiles(dims: tuple[int, ...] = EVERY_D, archs: tuple[int, ...] = aot.ARCHS) -> set[str]:
     """The tile of every configuration the heuristics produce for the AOT shapes of these d and archs."""
     tiles = set()
-    for d in (d for d in config.AOT_D if d in dims):
-        for dtype in config.AOT_DTYPES:
-            if d <= config.max_d("shared", dtype):
+    for d in (d for d in config.AOT_D + config.AOT_D_SHARED_LOOP if d in dims):
+        for dtype in config.AOT_DTYPES:  # d in registers, or the K loop over d
+            if d <= config.register_d(dtype) or d in config.AOT_D_SHARED_LOOP:
                 for smooth, pairs, arch in itertools.product((False, True), (False, True), archs):
                     if dtype != torch.bfloat16 and smooth:
                         continue
                     for c in config.shared_configs(d, dtype, smooth, pairs, arch):
                         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
-    for d in (d for d in EVERY_D if d in dims):
+    for d in (d for d in config.AOT_D + config.AOT_D_GATHERED if d in dims):
         for n in config.AOT_N:
             c = config.gathered_config(d, n)
             tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
         c = config.segment_config(d)
         tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
-    for d in (d for d in config.AOT_D if d in dims):
-        c = config.merge_config(d)  # the merge launch of a split shared rows pass
-        tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+    for d in (d for d in config.AOT_D + config.AOT_D_SHARED_LOOP if d in dims):
+        for dtype in config.AOT_DTYPES:  # the merge launch of a split shared rows pass
+            if d <= config.register_d(dtype) or d in config.AOT_D_SHARED_LOOP:
+                c = config.merge_config(d, dtype)
+                tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
+    for d in (d for d in config.AOT_D + config.AOT_D_SHARED_LOOP if d in dims):
         for dtype in config.AOT_DTYPES:  # the full-ranking kernel: rank count and every top-k width
-            if d <= config.max_d("shared", dtype):
+            if d <= config.register_d(dtype) or d in config.AOT_D_SHARED_LOOP:
                 for k in (None, *config.TOPK_WIDTHS):
                     c = config.ranking_config(d, dtype, k)
                     tiles.add(f"R{c.block_r}xN{c.block_n}xD{c.block_d} w{c.num_warps}")
@@ -143,11 +146,11 @@ FP32_PER_SCORE_BEFORE = 18.75
 def test_sass_report_shows_warp_group_mma_and_the_epilogue_diet(results: list[aot.Result]) -> None:
     shared90 = [r for r in results if r.arch == "sm_90" and r.variant.startswith("shared contrastive bf16")]
     assert {r.kernel for r in shared90} == {"shared_rows_kernel", "shared_items_kernel"}
-    for r in shared90:  # both passes, every d, wherever the tile's M dimension is 64 (all but d = 256 with
+    for r in shared90:  # both passes, every d, wherever the tile's M dimension is 64 (all but the 256-wide
         m = int(r.variant.split(" R")[-1].split("x")[0]) if r.kernel == "shared_rows_kernel" else \
-            int(r.variant.split("xN")[-1].split("x")[0])  # pair masks, which falls back to 32 rows)
-        assert (m >= 64) == r.sass["hgmma_in_loop"], (r.kernel, r.variant)
-        assert m >= 64 or (" d=256 " in r.variant and r.kernel == "shared_rows_kernel"), r.variant
+            int(r.variant.split("xN")[-1].split("x")[0])  # accumulator with pair masks: 32 rows — d = 256
+        assert (m >= 64) == r.sass["hgmma_in_loop"], (r.kernel, r.variant)  # and the K loop's output chunks)
+        assert m >= 64 or ("xD256 " in r.variant and r.kernel == "shared_rows_kernel"), r.variant
     rows64 = next(r for r in shared90 if r.kernel == "shared_rows_kernel" and " d=64 " in r.variant)
     assert rows64.sass["fp32_per_score"] <= 0.7 * FP32_PER_SCORE_BEFORE, rows64.sass
     assert rows64.sass["sfu_per_score"] <= 1.1  # one exp2 per score (the per-row rescale on top)
@@ -198,6 +201,6 @@ def test_split_rows_pass_and_merge_compile_with_warp_group_mma(results: list[aot
     split90 = [r for r in results if r.arch == "sm_90" and r.variant.startswith("shared-split contrastive bf16")]
     rows = [r for r in split90 if r.kernel == "shared_rows_kernel"]
     merges = [r for r in split90 if r.kernel == "shared_rows_kernel:merge"]
-    assert len(rows) == len(merges) == len([d for d in config.AOT_D if d in aot_dims]) > 0
+    assert len(rows) == len(merges) == len([d for d in config.AOT_D + config.AOT_D_SHARED_LOOP if d in aot_dims]) > 0
     for r in rows:
         assert r.sass["hgmma_in_loop"] == (int(r.variant.split(" R")[-1].split("x")[0]) >= 64), r.variant

@@ -284,17 +284,6 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch: pytest.MonkeyPatch) 
         triton_backend.forward_backward(p, LossSpec(Kind.CONTRASTIVE, eps=1.0), None, (False, False, False))
 
 
-@pytest.mark.parametrize(("dtype", "d"), [(F32, 129), (BF16, 257)])
-def test_feature_dimension_limit_is_a_clear_error(dtype: torch.dtype, d: int) -> None:
-    """The shared layout holds d in registers; the gathered layouts loop over d (no limit)."""
-    from fastrecloss.kernels.config import max_d
-
-    assert d == max_d("shared", dtype) + 1 and max_d("indexed", dtype) is None and max_d("per_row", dtype) is None
-    p = build_problem(torch.randn(2, d, dtype=dtype), torch.randn(2, d, dtype=dtype), torch.randn(3, d).to(dtype))
-    with pytest.raises(ValueError, match=f"d <= {d - 1} .* shared layout .* per-row and indexed layouts take any d"):
-        triton_backend.forward_backward(p, LossSpec(Kind.CONTRASTIVE, eps=1.0), None, (False, False, False))
-
-
 @pytest.mark.parametrize(("layout", "dtype", "d"), [("shared", F32, 128), ("per_row", BF16, 256)])
 def test_largest_supported_d(layout: str, dtype: torch.dtype, d: int, gen: torch.Generator) -> None:
     check_case(CASES["infonce"], TRITON, make_inputs(layout, 3, 4, d, gen=gen, log_q=True), dtype)

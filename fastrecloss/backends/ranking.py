@@ -215,7 +215,8 @@ def plan(p: RankProblem, emulate_dot: bool):
                 stride_qd=p.query.stride(1), stride_tr=p.table.stride(0), stride_td=p.table.stride(1),
                 inv_tau=1.0 / p.temperature, TOPK=topk, HAS_EX=p.ex_idx is not None, TIES_BY_INDEX=p.ties_by_index,
                 K_PAD=width, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), EMULATE_DOT=emulate_dot)
+                DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), EMULATE_DOT=emulate_dot, D_LOOP=cfg.block_dk > 0,
+                BLOCK_DK=cfg.block_dk or 16, EVEN_K=not cfg.block_dk or p.query.shape[1] % cfg.block_dk == 0)
     launch = Launch(ranking_kernel, (max(1, triton.cdiv(p.R, cfg.block_r)),), _bind(ranking_kernel, args), cfg)
     return launch, (rank if not topk else keys)
 
@@ -242,13 +243,13 @@ def triton_topk(p: RankProblem) -> tuple[Tensor, Tensor]:
 def aot_cases() -> list[tuple[str, list]]:
     """(label, [launch]) of every configuration ``kernels.config.ranking_config`` gives for the AOT shapes,
     planned on meta tensors with exclusions on (for ``fastrecloss/backends/triton_aot.py``)."""
-    from ..kernels.config import AOT_D, AOT_DTYPES, TOPK_WIDTHS, max_d
+    from ..kernels.config import AOT_D, AOT_D_SHARED_LOOP, AOT_DTYPES, TOPK_WIDTHS, register_d
 
     R, n_items, nnz = 256, 4096, 1024
     out = []
-    for d in AOT_D:
+    for d in AOT_D + AOT_D_SHARED_LOOP:  # d in registers, or the K loop over d
         for dtype in AOT_DTYPES:
-            if d > max_d("shared", dtype):
+            if d in AOT_D and d > register_d(dtype):
                 continue
             for k in (None, *TOPK_WIDTHS):
                 meta = {"device": "meta"}

@@ -86,23 +86,23 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
     """(label, problem, spec, deterministic) for every configuration of :mod:`kernels.config`."""
     from .._problem import Problem
     from .._spec import Kind, LossSpec
-    from ..kernels.config import AOT_D, AOT_D_GATHERED, AOT_DTYPES, AOT_N, max_d
+    from ..kernels.config import AOT_D, AOT_D_GATHERED, AOT_D_SHARED_LOOP, AOT_DTYPES, AOT_N, register_d
 
     out = []
     for kind in kinds:
         spec = LossSpec(Kind(KINDS[kind]), eps=1.0)
-        for d in AOT_D + AOT_D_GATHERED:  # the second set: the gathered layouts' K loop over d only
-            for dtype in AOT_DTYPES:
-                if d not in AOT_D or d > max_d("shared", dtype):
+        for d in sorted(set(AOT_D + AOT_D_GATHERED + AOT_D_SHARED_LOOP)):  # the last two: the K loops over d
+            for dtype in AOT_DTYPES:  # shared: d in registers (AOT_D), or the K loop over d (AOT_D_SHARED_LOOP)
+                if not (d <= register_d(dtype) if d in AOT_D else d in AOT_D_SHARED_LOOP):
                     continue
                 out.append((f"shared {kind} {_TYPES[dtype]}", _meta_problem("shared", d, 1024, dtype), spec, False))
-            for n in AOT_N:
+            for n in AOT_N if d in AOT_D + AOT_D_GATHERED else ():
                 out.append((f"per_row {kind} bf16", _meta_problem("per_row", d, n, torch.bfloat16), spec, False))
                 for det in (False, True):
                     label = f"indexed {kind} bf16{' det' if det else ''}"
                     out.append((label, _meta_problem("indexed", d, n, torch.bfloat16), spec, det))
         if kind == "contrastive":  # in-batch (hits only), and label smoothing + z-loss (SMOOTH)
-            for d in AOT_D:
+            for d in AOT_D + AOT_D_SHARED_LOOP[:1]:  # the K loop's option variants at its first d
                 ids = torch.empty(256, dtype=torch.int64, device="meta")
                 q = torch.empty(256, d, dtype=torch.bfloat16, device="meta")
                 in_batch = Problem("shared", q, torch.empty_like(q), pos_idx=ids, hit_pos_ids=ids, hit_neg_ids=ids,
@@ -111,7 +111,7 @@ def cases(kinds: tuple[str, ...] = ("contrastive",)) -> list[tuple[str, Any, Any
                 catalogue = Problem("shared", q, torch.empty(4096, d, dtype=torch.bfloat16, device="meta"), pos_idx=ids)
                 out.append((f"shared {kind}-catalogue bf16", catalogue, LossSpec(Kind.CONTRASTIVE), False))
             smooth = LossSpec(Kind.CONTRASTIVE, eps=1.0, label_smoothing=0.1, z_loss=1e-4)
-            for d in AOT_D:
+            for d in AOT_D + AOT_D_SHARED_LOOP[:1]:
                 out.append((f"shared {kind}-ls bf16", _meta_problem("shared", d, 1024, torch.bfloat16), smooth, False))
                 plain = _meta_problem("shared", d, 1024, torch.bfloat16)  # catalogue: no per-pair mask
                 plain = dataclasses.replace(plain, neg_mask=None, hit_pos_ids=None, hit_neg_ids=None)

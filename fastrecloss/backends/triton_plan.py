@@ -197,7 +197,9 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
     """The rows pass, then the items pass for ∂/∂neg. With at most half as many row blocks as SMs
     the rows pass is split (flash-decoding, ``config.split_count``): grid (row blocks, S), each
     program streaming its share of the item tiles into fp32 partials (``WS`` [S, 5, R], ``WS_ACC`` /
-    ``WS_VSUM`` [S, R, d]: O(S·R·d)), then the same kernel with MERGE finishes the rows."""
+    ``WS_VSUM`` [S, R, d]: O(S·R·d)), then the same kernel with MERGE finishes the rows. With a K loop
+    over d (``D_LOOP``, d beyond the register tile) every grid gains an axis of output chunks (the
+    rows pass's third, the items pass's second), counted with the row blocks when choosing S."""
     pairs = common["HAS_HITS"] or (common["MASK"] is not None and common["MASK"].dim() == 2)
     rows_cfg, items_cfg = shared_configs(p.d, p.query.dtype, smooth=common["SMOOTH"], pairs=pairs, arch=arch)
     if common["HIT_POS"] is not None and p.N > 0:
@@ -207,16 +209,27 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
     stride_mr, stride_mn = (0, mask.stride(0)) if mask_mode == 1 else _strides(mask)
     dev = p.query.device
     coef_max = torch.zeros(1, dtype=torch.float32, device=dev) if out.grad_neg is not None else None
+    d_loop = rows_cfg.block_dk > 0  # a K loop over d: one program per output chunk of BLOCK_D columns
     args = dict(common, COEF_MAX=coef_max, stride_nn=p.neg.stride(0), stride_nd=p.neg.stride(1),
                 stride_mr=stride_mr, stride_mn=stride_mn, MASK_MODE=mask_mode, BLOCK_D=rows_cfg.block_d,
                 DOT_DT=_DOT_DTYPES.get(p.query.dtype, tl.float32), SPLIT=False, MERGE=False, split_n=p.N,
                 n_splits=1, WS=None, WS_ACC=None, WS_VSUM=None,
-                LAZY_TH=lazy_rescale(common["KIND"], p.query.dtype, rows_cfg))
-    row_blocks = triton.cdiv(p.R, rows_cfg.block_r)
-    n_splits, per_split = split_count(row_blocks, triton.cdiv(p.N, rows_cfg.block_n), sm_count, splits)
+                LAZY_TH=lazy_rescale(common["KIND"], p.query.dtype, rows_cfg), D_LOOP=d_loop,
+                BLOCK_DK=rows_cfg.block_dk or 16, EVEN_K=not d_loop or p.d % rows_cfg.block_dk == 0)
+
+    def grid(blocks: int, cfg: TileConfig, splits: int = 1) -> tuple[int, ...]:
+        """1-D (or (blocks, S) when split) without a K loop; (blocks, S, output chunks) with one."""
+        if d_loop:
+            return blocks, splits, triton.cdiv(p.d, cfg.block_d)
+        return (blocks,) if splits == 1 else (blocks, splits)
+
+    row_blocks = triton.cdiv(p.R, rows_cfg.block_r)  # (× the output chunks of a K loop: programs per item range)
+    n_splits, per_split = split_count(row_blocks * math.prod(grid(1, rows_cfg)), triton.cdiv(p.N, rows_cfg.block_n),
+                                      sm_count, splits)
     rows = dict(args, BLOCK_R=rows_cfg.block_r, BLOCK_N=rows_cfg.block_n)
     if n_splits == 1:
-        out.launches.append(Launch(shared_rows_kernel, (row_blocks,), _bind(shared_rows_kernel, rows), rows_cfg))
+        out.launches.append(Launch(shared_rows_kernel, grid(row_blocks, rows_cfg), _bind(shared_rows_kernel, rows),
+                                   rows_cfg))
     else:
         ws = dict(WS=torch.empty(n_splits, 5, p.R, dtype=torch.float32, device=dev), WS_ACC=None, WS_VSUM=None)
         if common["NEED_GQ"]:
@@ -224,16 +237,17 @@ def _plan_shared(out: Plan, p: Problem, common: dict[str, Any], arch: int, sm_co
             if common["SMOOTH"]:
                 ws["WS_VSUM"] = torch.empty(n_splits, p.R, p.d, dtype=torch.float32, device=dev)
         rows = dict(rows, **ws, SPLIT=True, split_n=per_split * rows_cfg.block_n)
-        out.launches.append(Launch(shared_rows_kernel, (row_blocks, n_splits), _bind(shared_rows_kernel, rows),
-                                   rows_cfg))
-        merge_cfg = merge_config(p.d)
+        out.launches.append(Launch(shared_rows_kernel, grid(row_blocks, rows_cfg, n_splits),
+                                   _bind(shared_rows_kernel, rows), rows_cfg))
+        merge_cfg = merge_config(p.d, p.query.dtype)
         merge = dict(rows, MERGE=True, SPLIT=False, n_splits=n_splits, BLOCK_R=merge_cfg.block_r,
-                     BLOCK_N=merge_cfg.block_n, BLOCK_D=merge_cfg.block_d)
-        out.launches.append(Launch(shared_rows_kernel, (triton.cdiv(p.R, merge_cfg.block_r),),
+                     BLOCK_N=merge_cfg.block_n, BLOCK_D=merge_cfg.block_d, BLOCK_DK=merge_cfg.block_dk or 16)
+        out.launches.append(Launch(shared_rows_kernel, grid(triton.cdiv(p.R, merge_cfg.block_r), merge_cfg),
                                    _bind(shared_rows_kernel, merge), merge_cfg))
     if out.grad_neg is not None and p.N > 0:
-        items = dict(args, BLOCK_R=items_cfg.block_r, BLOCK_N=items_cfg.block_n)
-        out.launches.append(Launch(shared_items_kernel, (triton.cdiv(p.N, items_cfg.block_n),),
+        items = dict(args, BLOCK_R=items_cfg.block_r, BLOCK_N=items_cfg.block_n, BLOCK_D=items_cfg.block_d)
+        item_grid = grid(triton.cdiv(p.N, items_cfg.block_n), items_cfg)
+        out.launches.append(Launch(shared_items_kernel, item_grid[:1] + item_grid[2:],
                                    _bind(shared_items_kernel, items), items_cfg))
 
 
