@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import _ops
 from ._problem import IGNORE_INDEX, _is_compiling, check_choice
-from ._spec import Kind, LossSpec, acc_dtype
+from ._spec import Kind, LossSpec, acc_dtype, result_dtype
 
 OPTIONS = ("table_grad", "neg_bias", "pos_bias")
 TABLE_GRADS = ("dense", "sparse")
@@ -154,7 +154,8 @@ def _in_rows(ids: Tensor, sets: Tensor) -> Tensor:
 
 def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: dict[str, Any],
                    lse: Any) -> Tensor:
-    """Several positives per row (``pos_idx`` [R, P]); ``lse`` is the public ``sampled_logsumexp``."""
+    """Several positives per row (``pos_idx`` [R, P]); ``lse`` is the core ``sampled_logsumexp`` per row, in the
+    accumulation dtype."""
     pos_idx = common.pop("pos_idx")
     if spec.kind != Kind.CONTRASTIVE or fn == "sampled_logsumexp":
         raise ValueError(f"pos_idx of shape [R, P] (several positives) is for the contrastive losses, not {fn}")
@@ -208,4 +209,4 @@ def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: 
     rows = -lse_pos + spec.lam * (denom - spec.mu * torch.log(n.clamp_min(1).to(acc)))
     rows = torch.where(counted & has_neg, rows, 0.0)
     w = counted.to(acc) if weight is None else weight * counted.to(weight.dtype)
-    return _ops.reduce_rows(rows, w, reduction)
+    return _ops.reduce_rows(rows, w, reduction).to(result_dtype(query.dtype, neg.dtype, query.device))

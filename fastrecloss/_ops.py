@@ -282,7 +282,10 @@ def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
         return total
     if weight is None:
         return total / max(rows.shape[0], 1)
-    return total / weight.to(rows.dtype).sum().clamp_min(torch.finfo(rows.dtype).tiny)
+    # Σ w = 0 (every row ignored): loss 0 and zero gradients, for the weights too (never 0/0 or L/tiny).
+    wsum = weight.to(rows.dtype).sum()
+    counted = wsum > 0
+    return torch.where(counted, total / torch.where(counted, wsum, 1), 0)
 
 
 

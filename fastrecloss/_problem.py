@@ -23,6 +23,7 @@ a function's own, e.g. ``neg`` → ``table``).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -103,8 +104,8 @@ def check_flag(name: str, value: object) -> None:
 
 
 def check_temperature(temperature: object) -> float:
-    if isinstance(temperature, (Tensor, bool)) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    if isinstance(temperature, (Tensor, bool)) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number (a float), got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return float(temperature)
@@ -124,11 +125,16 @@ def _check_float(name: str, t: Tensor, ndim: int, shape_desc: str) -> None:
         raise ValueError(f"{name} must have shape {shape_desc}, got {tuple(t.shape)}")
 
 
-def _check_shape(name: str, t: Tensor | None, shape: tuple[int, ...], desc: str, *, kind: str) -> None:
+def _check_shape(name: str, t: Tensor | None, shape: tuple[int, ...], desc: str, *, kind: str,
+                 device: torch.device | None = None) -> None:
+    """``t`` (unless None) is a tensor of ``kind`` ('int', 'float' or 'bool') and this exact shape, on
+    ``device`` (the query's) when given."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {desc}, got {type(t).__name__}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but query is on {device}")
     if kind == "int" and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor of shape {desc}, got {t.dtype}")
     if kind == "float" and not t.is_floating_point():
@@ -137,6 +143,12 @@ def _check_shape(name: str, t: Tensor | None, shape: tuple[int, ...], desc: str,
         raise TypeError(f"{name} must be a bool tensor (True = excluded) of shape {desc}, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {desc} = {shape}, got {tuple(t.shape)}")
+
+
+def as_index(t: Tensor) -> Tensor:
+    """An integer tensor as indices: int32/int64 stay, narrower ones (uint8, int8, int16 …; ``F.cross_entropy``
+    takes uint8 targets) become int64 — torch would read a uint8 index tensor as a mask."""
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)
 
 
 def _check_range(name: str, idx: Tensor, size: int, what: str, ignore_index: int | None = None) -> None:
@@ -205,6 +217,7 @@ def build_problem(
 
     _check_float("query", query, 2, "[R, d]")
     R, d = query.shape
+    dev = query.device
     temperature = check_temperature(temperature)
     check_flag("remove_accidental_hits", remove_accidental_hits)
     check_flag("in_batch", in_batch)
@@ -226,10 +239,10 @@ def build_problem(
         # Row r's positive is column r (always excluded); with remove_accidental_hits=True every
         # other column with the row's id in pos_ids is excluded too.
         ids = _hit_ids_in_batch(R, query.device, pos_ids, remove_accidental_hits)
-        _check_shape("log_q", log_q, (R,), "[R] (one per in-batch item)", kind="float")
-        _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float")
+        _check_shape("log_q", log_q, (R,), "[R] (one per in-batch item)", kind="float", device=dev)
+        _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float", device=dev)
         _check_shape("neg_mask", neg_mask, (R,) if isinstance(neg_mask, Tensor) and neg_mask.dim() == 1 else (R, R),
-                     "[R] or [R, R]", kind="bool")
+                     "[R] or [R, R]", kind="bool", device=dev)
         pos_log_q = log_q if pos_log_q is None else pos_log_q  # column r is row r's positive
         return Problem("shared", query, pos, None, torch.arange(R, device=query.device), None, log_q, pos_log_q,
                        ids, ids, neg_mask, temperature)
@@ -245,7 +258,8 @@ def build_problem(
         if not isinstance(neg_idx, Tensor) or neg_idx.dim() != 2 or neg_idx.shape[0] != R:
             got = tuple(neg_idx.shape) if isinstance(neg_idx, Tensor) else type(neg_idx).__name__
             raise ValueError(f"neg_idx must have shape [R, N] with R = {R}, got {got}")
-        _check_shape("neg_idx", neg_idx, tuple(neg_idx.shape), "[R, N]", kind="int")
+        _check_shape("neg_idx", neg_idx, tuple(neg_idx.shape), "[R, N]", kind="int", device=dev)
+        neg_idx = as_index(neg_idx)
         N = neg_idx.shape[1]
     elif neg.dim() == 3:
         layout = "per_row"
@@ -270,14 +284,19 @@ def build_problem(
         _check_float("pos", pos, 2, "[R, d]")
         if pos.shape != query.shape:
             raise ValueError(f"pos must have shape [R, d] = {tuple(query.shape)}, got {tuple(pos.shape)}")
+        if pos.device != dev:
+            raise ValueError(f"pos is on {pos.device} but query is on {dev}")
     query, pos, neg = _promote(query, pos, neg, names)
     keep = None
     if pos_idx is not None:
         if layout == "per_row":
             raise ValueError("pos_idx indexes the item table and needs the shared or indexed layout; pass pos [R, d]")
-        _check_shape(nm("pos_idx"), pos_idx, (R,), "[R]", kind="int")
+        _check_shape(nm("pos_idx"), pos_idx, (R,), "[R]", kind="int", device=dev)
+        pos_idx = as_index(pos_idx)
         _check_range(nm("pos_idx"), pos_idx, table_rows, nm("neg"), ignore_index)
         pos_idx, keep = _safe_targets(pos_idx, table_rows, ignore_index)
+        if table_rows == 0:  # an empty table: every target is ignored and there is no row to gather
+            pos, pos_idx = query.new_zeros(R, d), None
     if need_pos and pos is None and pos_idx is None:
         raise ValueError(f"this loss needs a positive: pass pos [R, d] or {nm('pos_idx')} [R]")
     if not need_pos and (pos is not None or pos_idx is not None):
@@ -289,20 +308,20 @@ def build_problem(
         _check_range("neg_idx", neg_idx, table_rows, f"the item table {nm('neg')}", ignore_index)
         if ignore_index is not None and ignore_index >= 0:  # a valid row: make it an out-of-range (masked) one
             neg_idx = torch.where(neg_idx == ignore_index, -1, neg_idx)
-        _check_shape("log_q", log_q, (table_rows,), "[I] (looked up by neg_idx)", kind="float")
+        _check_shape("log_q", log_q, (table_rows,), "[I] (looked up by neg_idx)", kind="float", device=dev)
     else:
-        _check_shape("log_q", log_q, score_shape, score_desc, kind="float")
-    _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float")
+        _check_shape("log_q", log_q, score_shape, score_desc, kind="float", device=dev)
+    _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float", device=dev)
     if pos_log_q is None and log_q is not None and pos_idx is not None:
         pos_log_q = log_q[pos_idx]  # the positive is a row of the table log_q corrects
     if neg_mask is not None:
         if layout == "shared" and isinstance(neg_mask, Tensor) and neg_mask.dim() == 2:
-            _check_shape("neg_mask", neg_mask, (R, N), "[R, N]", kind="bool")
+            _check_shape("neg_mask", neg_mask, (R, N), "[R, N]", kind="bool", device=dev)
         else:
-            _check_shape("neg_mask", neg_mask, score_shape, score_desc, kind="bool")
+            _check_shape("neg_mask", neg_mask, score_shape, score_desc, kind="bool", device=dev)
 
     hit_pos_ids, hit_neg_ids = _hit_ids(layout, R, score_shape, score_desc, pos_ids, neg_ids, pos_idx, neg_idx,
-                                        remove_accidental_hits, nm)
+                                        remove_accidental_hits, nm, dev)
     return Problem(layout, query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids,
                    neg_mask, temperature, keep)
 
@@ -315,13 +334,13 @@ def _hit_ids_in_batch(R: int, device: torch.device, pos_ids: Tensor | None, remo
         return torch.arange(R, device=device)
     if pos_ids is None:
         raise ValueError("remove_accidental_hits=True with in_batch=True needs pos_ids [R] (the items' ids)")
-    _check_shape("pos_ids", pos_ids, (R,), "[R]", kind="int")
-    return pos_ids
+    _check_shape("pos_ids", pos_ids, (R,), "[R]", kind="int", device=device)
+    return as_index(pos_ids)
 
 
 def _hit_ids(layout: str, R: int, score_shape: tuple[int, ...], score_desc: str, pos_ids: Tensor | None,
              neg_ids: Tensor | None, pos_idx: Tensor | None, neg_idx: Tensor | None, remove: bool,
-             nm) -> tuple[Tensor | None, Tensor | None]:
+             nm, dev: torch.device) -> tuple[Tensor | None, Tensor | None]:
     """The ids accidental-hit removal compares: (positives [R], negatives [N] or [R, N]), or (None, None)."""
     if not remove:
         if pos_ids is not None or neg_ids is not None:
@@ -330,23 +349,21 @@ def _hit_ids(layout: str, R: int, score_shape: tuple[int, ...], score_desc: str,
     hit_pos_ids = pos_ids if pos_ids is not None else pos_idx
     if hit_pos_ids is None:
         raise ValueError(f"remove_accidental_hits=True needs pos_ids [R] (or {nm('pos_idx')})")
-    _check_shape("pos_ids", hit_pos_ids, (R,), "[R]", kind="int")
+    _check_shape("pos_ids", hit_pos_ids, (R,), "[R]", kind="int", device=dev)
     if layout == "indexed":
         if neg_ids is not None:
             raise ValueError("the indexed layout uses neg_idx as the negatives' ids; do not pass neg_ids")
-        return hit_pos_ids, neg_idx
+        return as_index(hit_pos_ids), neg_idx
     if neg_ids is None:
         raise ValueError(f"remove_accidental_hits=True needs neg_ids {score_desc}")
-    _check_shape("neg_ids", neg_ids, score_shape, score_desc, kind="int")
-    return hit_pos_ids, neg_ids
+    _check_shape("neg_ids", neg_ids, score_shape, score_desc, kind="int", device=dev)
+    return as_index(hit_pos_ids), as_index(neg_ids)
 
 
 def check_weight(weight: Tensor | None, R: int, device: torch.device) -> None:
     if weight is None:
         return
-    _check_shape("weight", weight, (R,), "[R]", kind="float")
-    if weight.device != device:
-        raise ValueError(f"weight is on {weight.device} but query is on {device}")
+    _check_shape("weight", weight, (R,), "[R]", kind="float", device=device)
     if weight.numel() and values_checked(weight):
         w = weight.detach()
         if not bool((torch.isfinite(w) & (w >= 0)).all()):

@@ -15,6 +15,7 @@ Their gradients: ``g_rj = (λ + 2z·lse_r)·e^{s_rj}/S_r − α/n_r`` for each u
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from enum import IntEnum
 
@@ -52,8 +53,9 @@ class LossSpec:
     def __post_init__(self) -> None:
         for name, (lo, hi) in _BOUNDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # numpy scalars, ints: plain floats
             if lo is not None and value < lo:
                 raise ValueError(f"{name} must be >= {lo:g}{_WHY.get(name, '')}, got {value}")
             if hi is not None and value > hi:
@@ -77,6 +79,17 @@ class LossSpec:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (so gradcheck is exact)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_on(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device.type)
+
+
+def result_dtype(query: torch.dtype, items: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype a loss is returned in: the inputs' (float32 when 16-bit and fp32 are mixed), or its
+    accumulation dtype under ``torch.autocast`` (as ``F.cross_entropy``)."""
+    compute = query if items is None or items == query else torch.float32
+    return acc_dtype(compute) if autocast_on(device) else compute
 
 
 def contrastive(eps: float, lam: float, mu: float, **extra: float) -> LossSpec:

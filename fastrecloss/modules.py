@@ -1,8 +1,10 @@
 """``nn.Module`` wrappers: hold the hyper-parameters, accept queries of any leading shape.
 
 A query of shape [..., d] is flattened to R rows; every per-row argument (``pos`` [..., d],
-``pos_idx``/``pos_log_q``/``pos_ids``/``weight`` [...], per-row ``neg`` [..., N, d], ``neg_idx``
-[..., N], and per-row ``log_q``/``neg_mask``/``neg_ids`` [..., N]) is flattened the same way.
+``pos_idx``/``pos_log_q``/``pos_ids``/``weight`` [...] (``pos_idx`` / a target [..., P]: several
+positives), per-row ``neg`` [..., N, d], ``neg_idx`` [..., N], per-row ``log_q``/``neg_mask``/``neg_ids``
+[..., N], and with ``in_batch=True`` ``log_q``/``neg_mask`` [...] (one per in-batch item)) is flattened
+the same way.
 ``padding_mask`` [...] (True = padding) gives the padded rows weight 0; with ``reduction='none'``
 the result has the query's leading shape.
 """
@@ -68,32 +70,58 @@ class _RecLoss(nn.Module):
         extras = "".join(f", {k}={v}" for k, v in self.hparams.items())
         return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}{extras}"
 
+    # Public names of the flattened arguments where the module's signature differs (SoftmaxCELoss).
+    _names: dict[str, str] = {}
+    _table_only = False  # neg is always an item table [I, d] (never per-row [..., N, d])
+
     def _call(self, query: Tensor, pos: Tensor | None, neg: Tensor | None, padding_mask: Tensor | None,
               kwargs: dict[str, Any]) -> Tensor:
-        if query.dim() < 1:
-            raise ValueError(f"query must have shape [..., d], got {tuple(query.shape)}")
+        with F._named(type(self).__name__):
+            if not isinstance(query, Tensor):
+                raise TypeError(f"query must be a torch.Tensor of shape [..., d], got {type(query).__name__}")
+            if query.dim() < 1:
+                raise ValueError(f"query must have shape [..., d], got {tuple(query.shape)}")
+            q, pos, neg, kwargs = self._flatten(query, pos, neg, padding_mask, kwargs)
+        out = self._fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction, backend=self.backend,
+                       remove_accidental_hits=self.remove_accidental_hits, deterministic=self.deterministic,
+                       ignore_index=self.ignore_index, **self.hparams, **kwargs)
+        return out.reshape(query.shape[:-1]) if self.reduction == "none" else out
+
+    def _flatten(self, query: Tensor, pos: Tensor | None, neg: Tensor | None, padding_mask: Tensor | None,
+                 kwargs: dict[str, Any]) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Any]]:
+        """query [..., d] → [R, d] and every per-row argument flattened the same way (see the module doc)."""
         lead = tuple(query.shape[:-1])
         k = len(lead)
 
         def rows(name: str, t: Tensor | None, extra: int) -> Tensor | None:
             if t is None:
                 return None
+            public = self._names.get(name, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{public} must be a torch.Tensor with the query's leading shape {lead}, got "
+                                f"{type(t).__name__}")
             if tuple(t.shape[:k]) != lead or t.dim() != k + extra:
-                raise ValueError(f"{name} must have the query's leading shape {lead} followed by {extra} more "
+                raise ValueError(f"{public} must have the query's leading shape {lead} followed by {extra} more "
                                  f"dimension(s), got {tuple(t.shape)}")
             return t.reshape(-1, *t.shape[k:])
 
-        per_row_neg = neg is not None and kwargs.get("neg_idx") is None and neg.dim() == k + 2
+        in_batch = bool(kwargs.get("in_batch"))
+        per_row_neg = (not self._table_only and isinstance(neg, Tensor) and kwargs.get("neg_idx") is None
+                       and neg.dim() == k + 2)
         q = query.reshape(-1, query.shape[-1])
         pos = rows("pos", pos, 1)
         if per_row_neg:
             neg = rows("neg", neg, 2)
         for name in _ROW_ARGS:
-            kwargs[name] = rows(name, kwargs.get(name), 0)
+            t = kwargs.get(name)
+            several = name == "pos_idx" and isinstance(t, Tensor) and t.dim() == k + 1  # several positives [..., P]
+            kwargs[name] = rows(name, t, 1 if several else 0)
         kwargs["neg_idx"] = rows("neg_idx", kwargs.get("neg_idx"), 1)
         for name in ("log_q", "neg_mask", "neg_ids"):
             t = kwargs.get(name)
-            if t is not None and t.dim() == k + 1 and (per_row_neg or name != "log_q"):
+            if in_batch and name != "neg_ids" and isinstance(t, Tensor) and t.dim() == k:
+                kwargs[name] = rows(name, t, 0)  # one per in-batch item: the positives' leading shape
+            elif isinstance(t, Tensor) and t.dim() == k + 1 and (per_row_neg or name != "log_q"):
                 kwargs[name] = rows(name, t, 1)
         if padding_mask is not None:
             if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
@@ -102,13 +130,10 @@ class _RecLoss(nn.Module):
             pad = rows("padding_mask", padding_mask, 0)
             keep = (~pad).to(q.dtype)
             kwargs["weight"] = keep if kwargs["weight"] is None else kwargs["weight"] * keep
-            if kwargs.get("in_batch"):  # a padded row's positive is no negative of the other rows either
+            if in_batch:  # a padded row's positive is no negative of the other rows either
                 mask = kwargs.get("neg_mask")
                 kwargs["neg_mask"] = pad if mask is None else mask | (pad if mask.dim() == 1 else pad[None, :])
-        out = self._fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction, backend=self.backend,
-                       remove_accidental_hits=self.remove_accidental_hits, deterministic=self.deterministic,
-                       ignore_index=self.ignore_index, **self.hparams, **kwargs)
-        return out.reshape(lead) if self.reduction == "none" else out
+        return q, pos, neg, kwargs
 
     def forward(self, query: Tensor, pos: Tensor | None = None, neg: Tensor | None = None, *,
                 padding_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -182,6 +207,8 @@ class SoftmaxCELoss(_RecLoss):
     equal to ``ignore_index`` (−100) is ignored like a padded row."""
 
     loss = "softmax_ce"
+    _names = {"pos_idx": "target", "neg": "table"}
+    _table_only = True
 
     def __init__(self, *, label_smoothing: float = 0.0, z_loss: float = 0.0, **kw: Any) -> None:
         super().__init__(**kw)

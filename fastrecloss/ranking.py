@@ -19,10 +19,12 @@ reference and torch ranks; the top-k order key is always fp32).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
-from ._problem import _check_float, _check_range, _check_shape, check_choice
+from ._problem import _check_float, _check_range, _check_shape, _promote, check_choice, check_temperature
 from .backends import ranking as _rb
 from .functional import resolve_backend
 
@@ -41,12 +43,11 @@ def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None
     R, d = query.shape
     if table.shape[1] != d:
         raise ValueError(f"table must have shape [I, d] with the query's d = {d}, got {tuple(table.shape)}")
-    if table.dtype != query.dtype:
-        raise TypeError(f"table must have the query's dtype {query.dtype}, got {table.dtype}")
     if table.device != query.device:
         raise ValueError(f"table is on {table.device} but query is on {query.device}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a Python float > 0, got {temperature!r}")
+    # a 16-bit query against an fp32 table (what autocast leaves) is ranked in fp32, as the losses compute it
+    query, _, table = _promote(query, None, table, {"neg": "table"})
+    temperature = check_temperature(temperature)
     ex_ptr = ex_idx = None
     if exclude is not None:
         if not (isinstance(exclude, (tuple, list)) and len(exclude) == 2):
@@ -88,7 +89,7 @@ def topk(query: Tensor, table: Tensor, k: int, *, exclude: tuple[Tensor, Tensor]
          temperature: float = 1.0, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The k best items per row, excluded ones left out: (scores [R, k] fp32, ids [R, k] int64)."""
     p = _problem(query, table, exclude, temperature)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    p.k = k
+    p.k = int(k)
     return _TOPK[resolve_backend(backend, query)](p)

@@ -22,6 +22,7 @@ are on the CPU (where the generator is) unless a ``device`` is given.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -64,12 +65,13 @@ class NegativeSampler:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))} (in-batch negatives need no "
                              f"sampler), got {kind!r}")
-        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+        if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral) or num_items < 1:
             raise ValueError(f"num_items must be a positive int, got {num_items!r}")
-        if isinstance(low, bool) or not isinstance(low, int) or not 0 <= low < num_items:
+        if isinstance(low, bool) or not isinstance(low, numbers.Integral) or not 0 <= low < num_items:
             raise ValueError(f"low must be an int in [0, num_items) = [0, {num_items}), got {low!r}")
         if not isinstance(replacement, bool):
             raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
+        num_items, low = int(num_items), int(low)
         self.num_items, self.kind, self.low, self.replacement = num_items, kind, low, replacement
         self.generator = generator
         weights = torch.zeros(num_items, dtype=torch.float64)
@@ -91,7 +93,7 @@ class NegativeSampler:
         self._tables: dict[int, Tensor] = {}
 
     def _check_n(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if not self.replacement and n > self._support.numel():
             raise ValueError(f"n = {n} exceeds the {self._support.numel()} items that can be drawn without "
@@ -180,4 +182,7 @@ def in_batch_log_q(items: Tensor, item_counts: Tensor | np.ndarray | Sequence[fl
         torch.as_tensor(np.asarray(item_counts), dtype=torch.float64, device=items.device)
     if counts.dim() != 1:
         raise ValueError(f"item_counts must be 1-D [num_items], got shape {tuple(counts.shape)}")
+    if items.numel() and not items.is_cuda and bool(((items < 0) | (items >= counts.shape[0])).any()):
+        raise ValueError(f"items has values in [{int(items.min())}, {int(items.max())}], out of range for "
+                         f"item_counts of size {counts.shape[0]}")  # −1 would silently read the last item's count
     return (counts[items] / counts.sum() * items.shape[0]).log().to(torch.float32)

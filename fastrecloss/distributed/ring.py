@@ -116,10 +116,10 @@ def ring_logsumexp(query: Tensor, neg: Tensor, *, ids: Tensor | None = None, pos
 
     def more() -> list[int]:
         _check_float("query", query, 2, "[R, d]")
-        if query.shape[1] != neg.shape[1] or query.dtype != neg.dtype:
-            raise ValueError(f"query must be [R, d = {neg.shape[1]}] in neg's dtype {neg.dtype}, got "
-                             f"{tuple(query.shape)} {query.dtype}")
-        _check_shape("pos_ids", pos_ids, (query.shape[0],), "[R]", kind="int")
+        if query.shape[1] != neg.shape[1] or query.dtype != neg.dtype or query.device != neg.device:
+            raise ValueError(f"query must be [R, d = {neg.shape[1]}] in neg's dtype {neg.dtype} on {neg.device}, got "
+                             f"{tuple(query.shape)} {query.dtype} on {query.device}")
+        _check_shape("pos_ids", pos_ids, (query.shape[0],), "[R]", kind="int", device=query.device)
         if (ids is None) != (pos_ids is None):
             raise ValueError("accidental-hit removal needs both ids [N] (the negatives') and pos_ids [R] (the rows')")
         return []

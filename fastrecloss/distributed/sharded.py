@@ -24,8 +24,17 @@ from torch import Tensor
 
 from .. import functional as F
 from .._ops import reduce_rows
-from .._problem import REDUCTIONS, _check_float, _check_shape, _promote, check_choice
-from .._spec import acc_dtype, contrastive
+from .._problem import (
+    REDUCTIONS,
+    _check_float,
+    _check_shape,
+    _promote,
+    as_index,
+    check_choice,
+    check_ignore_index,
+    check_weight,
+)
+from .._spec import acc_dtype, contrastive, result_dtype
 from ._comm import (
     Group,
     agreed,
@@ -119,7 +128,10 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
     state: dict[str, Any] = {}
 
     def local() -> list[int]:
-        nonlocal query, pos, neg
+        nonlocal query, pos, neg, pos_idx
+        unknown = sorted(k for k in unsupported if not k.startswith("_") and k not in F.COMMON)
+        if unknown:
+            raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}")
         if unsupported:
             names = ", ".join(sorted(k.lstrip("_") for k in unsupported))
             raise ValueError(f"{names}: not supported by the sharded losses (shared layout only: neg is this "
@@ -155,14 +167,17 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
             raise ValueError(f"pass either pos [R, d] or {target_name} [R], not both")
         if need_pos and pos is None and pos_idx is None:
             raise ValueError(f"this loss needs a positive: pass pos [R, d] or {target_name} [R]")
-        if pos is not None and (pos.shape != query.shape or pos.dtype != query.dtype):
-            raise ValueError(f"pos must have the query's shape {tuple(query.shape)} and dtype {query.dtype}, "
-                             f"got {tuple(pos.shape)} {pos.dtype}")
-        _check_shape(target_name, pos_idx, (R,), "[R] (global ids, the same on every rank)", kind="int")
-        _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float")
-        _check_shape("weight", weight, (R,), "[R]", kind="float")
+        if pos is not None and (pos.shape != query.shape or pos.dtype != query.dtype or pos.device != query.device):
+            raise ValueError(f"pos must have the query's shape {tuple(query.shape)} and dtype {query.dtype} on "
+                             f"{query.device}, got {tuple(pos.shape)} {pos.dtype} on {pos.device}")
+        check_ignore_index(ignore_index)
+        _check_shape(target_name, pos_idx, (R,), "[R] (global ids, the same on every rank)", kind="int",
+                     device=query.device)
+        _check_shape("pos_log_q", pos_log_q, (R,), "[R]", kind="float", device=query.device)
+        check_weight(weight, R, query.device)
         if pos_idx is not None:
-            valid = pos_idx != ignore_index
+            pos_idx = as_index(pos_idx)
+            valid = pos_idx != ignore_index if ignore_index is not None else torch.ones_like(pos_idx, dtype=torch.bool)
             t = pos_idx[valid]
             row.update(tcount=int(valid.sum()), tsum=int(t.sum()), tmin=int(t.min()) if t.numel() else 0,
                        tmax=int(t.max()) if t.numel() else 0)
@@ -249,4 +264,4 @@ def _merge(g: Group, state: dict[str, Any], need_pos: bool, query: Tensor, pos: 
     if "valid" in state:  # an ignored target counts as weight 0 (SPEC §5)
         valid = state["valid"].to(acc)
         weight = valid if weight is None else weight.to(acc) * valid
-    return reduce_rows(rows, weight, reduction).to(query.dtype)
+    return reduce_rows(rows, weight, reduction).to(result_dtype(query.dtype, None, query.device))
