@@ -42,9 +42,11 @@ def score_unit(KIND: tl.constexpr):
 @triton.jit
 def exp2(x, INTERPRET: tl.constexpr):
     """2^x in one MUFU.EX2: ``ex2.approx.ftz.f32`` (flush-to-zero; what ``tl.exp2`` lowers to is the
-    non-ftz form, which ptxas wraps in a range test and two multiplies). 2^−inf = 0."""
+    non-ftz form, which ptxas wraps in a range test and two multiplies). 2^−inf = 0. The interpreter
+    models the flush: a result below the smallest normal fp32 (x < −126) is 0, as on the GPU."""
     if INTERPRET:
         y = tl.exp2(x)
+        y = tl.where(y < TINY, 0.0, y)
     else:
         y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
                                       pack=1)
@@ -209,12 +211,20 @@ def save_partial(WS, WS_ACC, WS_VSUM, split, R, rows64, rmask, offs_d64, dmask, 
 
 @triton.jit
 def merge_partials(WS, WS_ACC, WS_VSUM, n_splits, R, rows64, rmask, offs_d64, dmask, d, m, a, b,
-                   KIND: tl.constexpr, NEED_GQ: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_D: tl.constexpr):
+                   KIND: tl.constexpr, NEED_GQ: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_D: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     """Fold the ``n_splits`` partial states of :func:`save_partial` into the state (m, a, b) a row
     has before any negative (:func:`init_state`), in the fixed order s = 0, 1, … (deterministic).
 
     Contrastive: m = max(m, max_s m_s), a = a·2^{m_old − m} + Σ_s a_s·2^{m_s − m} and the same
     weights for the accumulators; pointwise kinds: plain sums. Returns (m, a, b, cnt, ssum, acc, vsum).
+
+    The weights use the hot loops' flush-to-zero :func:`exp2`, not ``tl.exp2`` (a decision, tested by
+    tests/test_triton_split.py::test_split_merge_flushes_subnormal_weights_like_the_unsplit_pass):
+    a split whose max is more than 126 log2 units below the row's then contributes exactly 0, as
+    its terms do in the unsplit pass, where each 2^{t − m} (or the rescale of the running sums)
+    flushes; with the non-ftz form the split run kept subnormal ∂q terms (≈ 1e-40) that the unsplit
+    run has as zeros. Normal weights are the same in both forms.
     """
     cnt = tl.zeros(rows64.shape, dtype=tl.int32)
     ssum = tl.zeros(rows64.shape, dtype=tl.float32)
@@ -226,12 +236,12 @@ def merge_partials(WS, WS_ACC, WS_VSUM, n_splits, R, rows64, rmask, offs_d64, dm
         for s in range(0, n_splits):
             m_all = tl.maximum(m_all, tl.load(WS + rows64 + s * (5 * R), mask=rmask, other=0.0))
         m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-        a = a * tl.exp2(m - m_ref)
+        a = a * exp2(m - m_ref, INTERPRET)
     for s in range(0, n_splits):
         base = WS + rows64 + s * (5 * R)  # int64: rows64; s·5·R < 2^31 for any split plan
         w = tl.full(rows64.shape, 1.0, tl.float32)
         if KIND == 0:
-            w = tl.exp2(tl.load(base, mask=rmask, other=float("-inf")) - m_ref)
+            w = exp2(tl.load(base, mask=rmask, other=float("-inf")) - m_ref, INTERPRET)
         a += tl.load(base + R, mask=rmask, other=0.0) * w
         b += tl.load(base + 2 * R, mask=rmask, other=0.0)
         ssum += tl.load(base + 3 * R, mask=rmask, other=0.0)

@@ -152,7 +152,8 @@ def shared_rows_kernel(
     m, a, b = init_state(s_pos, log2_eps, KIND, HAS_EPS and not SPLIT)  # split: the merge adds the positive
     if MERGE:
         m, a, b, cnt, ssum, acc, vsum = merge_partials(WS, WS_ACC, WS_VSUM, n_splits, R, rows64, rmask, offs_d64,
-                                                       dmask, d, m, a, b, KIND, NEED_GQ, SMOOTH, BLOCK_D)
+                                                       dmask, d, m, a, b, KIND, NEED_GQ, SMOOTH, BLOCK_D,
+                                                       INTERPRET)
     else:
         n_lo = 0
         n_hi = N

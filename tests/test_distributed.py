@@ -1,9 +1,10 @@
 """fastrecloss.distributed against one process, on real gloo process groups (2 and 3 ranks).
 
-Each world size is one launch: ``world`` processes run this file as a script (``--worker``),
-join a gloo group on 127.0.0.1 (collectives time out after ``COLLECTIVE_TIMEOUT`` s, so a bug
-fails instead of hanging) and run every case of ``CASES``; each rank writes what it saw to a JSON
-file that the tests below read. A loss case passes on a rank when its loss and every gradient it
+One launch for every world size: max(WORLDS) processes run this file as a script (``--worker``)
+and, for each world size in turn (3, then 2: the third rank leaves), join a gloo group on
+127.0.0.1 (collectives time out after ``COLLECTIVE_TIMEOUT`` s, so a bug fails instead of hanging)
+and run every case of ``CASES``; each rank writes what it saw to a JSON file per world size that
+the tests below read. A loss case passes on a rank when its loss and every gradient it
 holds match the single-process reference on the concatenated inputs (SPEC §8: the float64
 oracle, with the float32 reference's own error plus 1e-5 relative as the allowance); an error
 case passes when every rank raised the expected error (and none hung).
@@ -393,6 +394,11 @@ def mf_run(name: str) -> dict[str, Any]:
             "world_size": res["world_size"]}
 
 
+@functools.cache  # the one-process run of a case is the same for every world size: train it once
+def one_process_mf(name: str) -> dict[str, Any]:
+    return mf_run(name)
+
+
 def assert_same_training(got: dict[str, Any], want: dict[str, Any], where: str) -> None:
     """Metrics equal to 1e-9 (a flipped rank would move them by ≥ 1/users); losses to 1e-5 relative
     (the sums run in another order)."""
@@ -403,8 +409,16 @@ def assert_same_training(got: dict[str, Any], want: dict[str, Any], where: str) 
         assert abs(a - b) <= 1e-5 * abs(b), f"{where}: epoch losses {got['loss']} != one process {want['loss']}"
 
 
-def worker(rank: int, world: int, port: int, out: Path) -> None:
+def worker(rank: int, worlds: list[int], ports: list[int], out: Path) -> None:
+    """One process, one group per world size in turn (largest first, the ranks ≥ a smaller world
+    leave): the imports and lazy initialisations are paid once, the groups are real ones."""
     torch.set_num_threads(1)
+    for world, port in zip(worlds, ports, strict=True):
+        if rank < world:
+            run_group(rank, world, port, out / f"world{world}")
+
+
+def run_group(rank: int, world: int, port: int, out: Path) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
     results: dict[str, Any] = {}
@@ -445,13 +459,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script_args: list[str], world: int, out: Path, timeout: float = LAUNCH_TIMEOUT) -> list[dict[str, Any]]:
-    """Start ``world`` ranks of this file's worker; return each rank's results (fail on a hang)."""
-    port = free_port()
+def launch(worlds: tuple[int, ...], out: Path, timeout: float = LAUNCH_TIMEOUT) -> dict[int, list[dict[str, Any]]]:
+    """Start max(worlds) ranks of this file's worker, which join a group of each world size in turn;
+    return each world's per-rank results (fail on a hang)."""
+    worlds = tuple(sorted(worlds, reverse=True))
+    ports = [free_port() for _ in worlds]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", *script_args, str(rank), str(world), str(port),
-                               str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(rank), ",".join(map(str, worlds)),
+                               ",".join(map(str, ports)), str(out)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for rank in range(worlds[0])]
     logs = []
     try:
         for p in procs:
@@ -459,16 +476,25 @@ def launch(script_args: list[str], world: int, out: Path, timeout: float = LAUNC
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail(f"the {world}-rank launch did not finish in {timeout} s (a hang?)")
+        pytest.fail(f"the launch of world sizes {worlds} did not finish in {timeout} s (a hang?)")
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log[-3000:]}"
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+    return {w: [json.loads((out / f"world{w}" / f"rank{rank}.json").read_text()) for rank in range(w)]
+            for w in worlds}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
+    """One launch for every world size of ``WORLDS``."""
+    out = tmp_path_factory.mktemp("dist")
+    for w in WORLDS:
+        (out / f"world{w}").mkdir()
+    return launch(WORLDS, out)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}ranks")
-def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    world = request.param
-    return launch(["losses"], world, tmp_path_factory.mktemp(f"dist{world}"))
+def ranks(request: pytest.FixtureRequest, launched: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return launched[request.param]
 
 
 FUNCTIONAL_SMOOTHING = "label_smoothing" in inspect.signature(F.softmax_ce).parameters
@@ -496,7 +522,7 @@ def test_bad_configuration_fails_on_every_rank(ranks: list[dict[str, Any]], case
 def test_mf_trainer_matches_one_process(ranks: list[dict[str, Any]], case: str) -> None:
     if MF_CASES[case].get("logq") and MF_CASES[case].get("sampler") == "in-batch" and not FUNCTIONAL_SMOOTHING:
         pytest.skip("one process applies logQ to the in-batch positive only with issue 11's functional (not merged)")
-    want = mf_run(case)
+    want = one_process_mf(case)
     assert want["world_size"] == 1
     for rank, results in enumerate(ranks):
         got = results[f"mf:{case}"]
@@ -565,6 +591,5 @@ def test_one_process_mixed_precision_is_the_functional_loss() -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    job, rank_, world_, port_, out_ = sys.argv[2:7]
-    if job == "losses":
-        worker(int(rank_), int(world_), int(port_), Path(out_))
+    rank_, worlds_, ports_, out_ = sys.argv[2:6]
+    worker(int(rank_), [int(w) for w in worlds_.split(",")], [int(p) for p in ports_.split(",")], Path(out_))

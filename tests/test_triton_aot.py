@@ -5,12 +5,12 @@ launches the runtime plans for a representative problem per configuration (every
 gradient), and reads registers and spills from each cubin with ``cuobjdump``. All configurations
 are defaults of ``kernels/config.py``, so none may spill.
 
-The default run compiles the cases of one d (``DEFAULT_DIMS``: every kernel, layout and option set,
-both dtypes, both archs — 62 of the 380 compilations, so a spill in a common tile still fails it);
-the full matrix over every d of ``config.AOT_D``, ``config.AOT_D_GATHERED`` (the gathered K loop) and
-``config.AOT_D_SHARED_LOOP`` (the shared K loop)
-is the ``aot_full`` marker, which CI runs after the default run (``python3 dev.py test -m aot_full
-tests/test_triton_aot.py``). Measured here: the full matrix took 11 min with 2 workers on the shared,
+The default run compiles the cases of one d for one arch (``DEFAULT_DIMS`` × ``DEFAULT_ARCHS``: every
+kernel, layout and option set, both dtypes, sm_90 — the arch of the warp-group MMA and SASS checks —
+so a spill in a common tile still fails it); the full matrix over every d of ``config.AOT_D``,
+``config.AOT_D_GATHERED`` (the gathered K loop) and ``config.AOT_D_SHARED_LOOP`` (the shared K loop)
+for sm_80 and sm_90 is the ``aot_full`` marker, which CI runs after the default run (``python3 dev.py
+test -m aot_full tests/test_triton_aot.py``). Measured here: the full matrix took 11 min with 2 workers on the shared,
 loaded 2-core machine after a kernel change (cold cache for the changed kernels); seconds on a warm
 cache.
 """
@@ -30,28 +30,36 @@ from fastrecloss.cli import kernels as kernels_cli
 KERNELS = {"shared_rows_kernel", "shared_items_kernel", "shared_rows_kernel:merge", "rows_kernel",
            "item_segment_kernel", "segment_merge_kernel", "ranking_kernel"}
 DEFAULT_DIMS = (64,)
+DEFAULT_ARCHS = (90,)
 EVERY_D = tuple(sorted(set(config.AOT_D + config.AOT_D_GATHERED + config.AOT_D_SHARED_LOOP)))
 
 
-@pytest.fixture(scope="module", params=[pytest.param(DEFAULT_DIMS, id="d64"),
-                                        pytest.param(EVERY_D, id="every-d", marks=pytest.mark.aot_full)])
-def aot_dims(request: pytest.FixtureRequest) -> tuple[int, ...]:
+@pytest.fixture(scope="module", params=[pytest.param((DEFAULT_DIMS, DEFAULT_ARCHS), id="d64-sm90"),
+                                        pytest.param((EVERY_D, aot.ARCHS), id="every-d",
+                                                     marks=pytest.mark.aot_full)])
+def aot_matrix(request: pytest.FixtureRequest) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the d, the archs) compiled."""
     return request.param
 
 
 @pytest.fixture(scope="module")
-def results(aot_dims: tuple[int, ...]) -> list[aot.Result]:
-    dims = None if aot_dims == EVERY_D else aot_dims
-    return aot.run_isolated(("contrastive",), aot.ARCHS, workers=2, sass=True, dims=dims)
+def aot_dims(aot_matrix: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[int, ...]:
+    return aot_matrix[0]
 
 
-def _expected_tiles(dims: tuple[int, ...] = EVERY_D) -> set[str]:
-    """The tile of every configuration the heuristics produce for the AOT shapes of these d."""
+@pytest.fixture(scope="module")
+def results(aot_matrix: tuple[tuple[int, ...], tuple[int, ...]]) -> list[aot.Result]:
+    dims, archs = aot_matrix
+    return aot.run_isolated(("contrastive",), archs, workers=2, sass=True, dims=None if dims == EVERY_D else dims)
+
+
+def _expected_tiles(dims: tuple[int, ...] = EVERY_D, archs: tuple[int, ...] = aot.ARCHS) -> set[str]:
+    """The tile of every configuration the heuristics produce for the AOT shapes of these d and archs."""
     tiles = set()
     for d in (d for d in config.AOT_D + config.AOT_D_SHARED_LOOP if d in dims):
         for dtype in config.AOT_DTYPES:  # d in registers, or the K loop over d
             if d <= config.register_d(dtype) or d in config.AOT_D_SHARED_LOOP:
-                for smooth, pairs, arch in itertools.product((False, True), (False, True), aot.ARCHS):
+                for smooth, pairs, arch in itertools.product((False, True), (False, True), archs):
                     if dtype != torch.bfloat16 and smooth:
                         continue
                     for c in config.shared_configs(d, dtype, smooth, pairs, arch):
@@ -76,15 +84,18 @@ def _expected_tiles(dims: tuple[int, ...] = EVERY_D) -> set[str]:
     return tiles
 
 
-def test_every_kernel_and_configuration_compiles_for_both_archs(results: list[aot.Result],
-                                                               aot_dims: tuple[int, ...]) -> None:
+def test_every_kernel_and_configuration_compiles_for_both_archs(
+        results: list[aot.Result], aot_matrix: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+    """Every kernel and tile of these d; with both archs (``aot_full``), the same problems for each."""
+    aot_dims, archs = aot_matrix
     assert {r.kernel for r in results} == KERNELS
-    # the same problems and kernels for both archs (tiles may differ per arch: strip them)
-    by_arch = {arch: {(r.kernel, r.variant.rsplit(" ", 2)[0]) for r in results if r.arch == arch}
-               for arch in ("sm_80", "sm_90")}
-    assert by_arch["sm_80"] == by_arch["sm_90"] and by_arch["sm_80"]
+    assert {r.arch for r in results} == {f"sm_{a}" for a in archs}
+    # the same problems and kernels for every arch compiled (tiles may differ per arch: strip them)
+    by_arch = {arch: {(r.kernel, r.variant.rsplit(" ", 2)[0]) for r in results if r.arch == f"sm_{arch}"}
+               for arch in archs}
+    assert all(v == by_arch[archs[0]] and v for v in by_arch.values())
     compiled_tiles = {r.variant.rsplit(" ", 2)[-2] + " " + r.variant.rsplit(" ", 1)[-1] for r in results}
-    assert compiled_tiles == _expected_tiles(aot_dims)
+    assert compiled_tiles == _expected_tiles(aot_dims, archs)
     assert {int(r.variant.split(" d=")[1].split()[0]) for r in results} == set(aot_dims)
     # every layout, both dtypes of the shared layout, and both indexed item-gradient paths
     variants = " | ".join(r.variant for r in results)

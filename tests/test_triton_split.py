@@ -266,3 +266,48 @@ def test_sass_conditional_blocks_are_the_skippable_body() -> None:
     assert [i.addr for i in loop] == list(range(0x10, 0x90, 0x10))
     assert [i.addr for i in ts.conditional_blocks(loop)] == [0x30, 0x40]  # not the unpredicated BRA's 0x60
     assert loop[1].pred == "@P0" and loop[-1].pred == "@!P1" and loop[0].pred == ""
+
+
+def _far_split_problem() -> Problem:
+    """Three rows over 48 items in three fp32 tiles (one per split): items 0–15 score ≈ 0 against
+    every row's query direction e₀, items 16–47 score ≈ −c·90 and, unlike the first ones, have
+    components along e₁…e₃. Row 0 (c = 1): the far splits' weight 2^{m_s − m} ≈ 2^−130 is
+    subnormal, so ∂q_0[1:] is made of flushed terms only; row 1 (c = 0.6, ≈ 2^−78): normal weights
+    that must survive; row 2: random."""
+    gen = torch.Generator().manual_seed(3)
+    neg = torch.zeros(48, 4)
+    neg[:16, 0] = 0.1 * torch.randn(16, generator=gen)
+    neg[16:, 0] = -90.0 + 0.1 * torch.randn(32, generator=gen)
+    neg[16:, 1:] = torch.randn(32, 3, generator=gen)
+    query = torch.tensor([[1.0, 0, 0, 0], [0.6, 0, 0, 0], [0, 0, 0, 0]])
+    query[2] = 0.5 * torch.randn(4, generator=gen)
+    pos = torch.zeros(3, 4)
+    pos[:, 0] = 0.5
+    pos[2, 1:] = torch.randn(3, generator=gen)
+    return build_problem(query, pos, neg)
+
+
+def _run_far_split(splits: int) -> list[torch.Tensor]:
+    p = _far_split_problem()
+    pl = triton_plan.plan(p, LossSpec(Kind.CONTRASTIVE, eps=1.0), torch.ones(p.R), (True, True, True), False,
+                          emulate_dot=True, splits=splits)
+    split = [s for s in pl.launches if s.args.get("SPLIT")]
+    assert [s.grid[1] for s in split] == ([splits] if splits > 1 else [])
+    assert all(s.args["split_n"] == 16 for s in split)  # split 0 holds exactly the near items
+    return [t for t in triton_backend._run(p, pl).outputs() if t is not None]
+
+
+@interpreted
+def test_split_merge_flushes_subnormal_weights_like_the_unsplit_pass() -> None:
+    """The hot loops exponentiate with the flush-to-zero ``exp2`` (``ex2.approx.ftz``, modelled in
+    the interpreter); the merge must weigh the partials with the same helper, or a split whose max is
+    > 126 log2 units below the row's adds subnormal terms that the unsplit pass flushes. Every output
+    of the split run agrees with the unsplit one to 1e-5 relative and no absolute slack: the flushed
+    ∂q entries are exact zeros in both, the tiny (≈ 2^−78) but normal ones are kept by both."""
+    unsplit, split = _run_far_split(1), _run_far_split(3)
+    loss, grad_q = unsplit[0], unsplit[1]
+    assert torch.equal(grad_q[0, 1:], torch.zeros(3))  # flushed in the unsplit pass (ftz exp2)
+    assert (grad_q[1, 1:].abs() > 0).all() and (grad_q[1, 1:].abs() < 1e-20).all()  # kept: normal weights
+    assert torch.isfinite(loss).all()
+    for got, want in zip(split, unsplit, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
