@@ -79,20 +79,6 @@ def register_d(dtype: torch.dtype) -> int:
     return MAX_D_SHARED_FP32 if _wide(dtype) else MAX_D
 
 
-def max_d(layout: str, dtype: torch.dtype) -> int | None:
-    """Largest d of a kernel family: None (any d) for every one — the loss layouts and the full-ranking
-    kernel loop over d when it does not fit in registers (kept so callers can ask)."""
-    return None
-
-
-def check_d(d: int, layout: str, dtype: torch.dtype) -> None:
-    limit = max_d(layout, dtype)
-    if limit is not None and d > limit:
-        raise ValueError(f"backend='triton' supports d <= {limit} for {dtype} inputs in the {layout} kernel (the "
-                         f"feature dimension is held in registers; the loss kernels take any d), "
-                         f"got d = {d}; use backend='torch'" + (" or bf16 inputs" if limit < MAX_D else ""))
-
-
 # Shared layout by BLOCK_D: ((BLOCK_R, BLOCK_N, num_warps) of the rows pass, (BLOCK_N, BLOCK_R,
 # num_warps) of the items pass — M dimension first), for 2-byte and 4-byte inputs.
 SHARED_TILES = {
@@ -215,8 +201,7 @@ def gathered_block_d(d: int) -> int:
     return fit_chunk(d, GATHER_DK + (16,))
 
 
-def gathered_config(d: int, n: int, layout: str = "per_row", dtype: torch.dtype = torch.float32) -> TileConfig:
-    check_d(d, layout, dtype)
+def gathered_config(d: int, n: int) -> TileConfig:
     block_d = gathered_block_d(d)
     block_n = max(1, min(next_pow2(n), GATHER_TILE // block_d, 64))
     block_r = max(1, min(16, GATHER_TILE // (block_n * block_d)))
@@ -267,7 +252,6 @@ def ranking_config(d: int, dtype: torch.dtype, k: int | None = None) -> TileConf
     """Tile of :func:`kernels.ranking.ranking_kernel` for the rank count (``k`` None) or a top-k. Beyond
     :func:`register_d`, a K loop over d in chunks of ``block_dk`` (= ``block_d``) with the tile of that
     width: only a chunk of the query block is live, as in the register tile of d = ``block_dk``."""
-    check_d(d, "ranking", dtype)
     block_dk = fit_chunk(d, SHARED_DK) if d > register_d(dtype) else 0
     block_d = block_dk or max(16, next_pow2(d))
     block_r, block_n, warps = RANK_TILES[_wide(dtype)][block_d]

@@ -21,7 +21,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 def test_gathered_block_d(d: int, chunk: int) -> None:
     """Register tile up to d = 64 and for powers of two up to 256; else a chunk that pads ≤ d/8."""
     assert config.gathered_block_d(d) == chunk
-    cfg = config.gathered_config(d, 1000, "indexed", BF16)
+    cfg = config.gathered_config(d, 1000)
     assert cfg.block_d == chunk and cfg.block_r * cfg.block_n * cfg.block_d <= config.GATHER_TILE
     if chunk < d:
         assert -(-d // chunk) * chunk - d <= max(d // 8, 15)

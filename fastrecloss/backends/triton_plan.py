@@ -255,7 +255,7 @@ def _plan_gathered(out: Plan, p: Problem, common: dict[str, Any], deterministic:
     """One row pass: ``mode`` "state" (loss, row stats) or "gradient" (from the stats in ``common``),
     and the deterministic item-segment pass after a gradient pass that needs ∂/∂neg."""
     indexed = p.layout == "indexed"
-    cfg = gathered_config(p.d, p.N, p.layout, p.query.dtype)
+    cfg = gathered_config(p.d, p.N)
     gradient = mode == "gradient"
     need_n = gradient and out.grad_neg is not None
     in_kernel = need_n and not (indexed and deterministic)  # the row pass writes / atomically adds ∂/∂v
