@@ -103,6 +103,13 @@ def check_flag(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an int ≥ 1 (Python or numpy integers; not bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, (Tensor, bool)) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number (a float), got {type(temperature).__name__}")

@@ -19,12 +19,18 @@ reference and torch ranks; the top-k order key is always fp32).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
-from ._problem import _check_float, _check_range, _check_shape, _promote, check_choice, check_temperature
+from ._problem import (
+    _check_float,
+    _check_range,
+    _check_shape,
+    _promote,
+    check_choice,
+    check_positive_int,
+    check_temperature,
+)
 from .backends import ranking as _rb
 from .functional import resolve_backend
 
@@ -89,7 +95,5 @@ def topk(query: Tensor, table: Tensor, k: int, *, exclude: tuple[Tensor, Tensor]
          temperature: float = 1.0, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The k best items per row, excluded ones left out: (scores [R, k] fp32, ids [R, k] int64)."""
     p = _problem(query, table, exclude, temperature)
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    p.k = int(k)
+    p.k = check_positive_int("k", k)
     return _TOPK[resolve_backend(backend, query)](p)

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._problem import check_positive_int
+
 KINDS = ("uniform", "popularity")
 
 
@@ -65,13 +67,12 @@ class NegativeSampler:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))} (in-batch negatives need no "
                              f"sampler), got {kind!r}")
-        if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral) or num_items < 1:
-            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
+        num_items = check_positive_int("num_items", num_items)
         if isinstance(low, bool) or not isinstance(low, numbers.Integral) or not 0 <= low < num_items:
             raise ValueError(f"low must be an int in [0, num_items) = [0, {num_items}), got {low!r}")
         if not isinstance(replacement, bool):
             raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
-        num_items, low = int(num_items), int(low)
+        low = int(low)
         self.num_items, self.kind, self.low, self.replacement = num_items, kind, low, replacement
         self.generator = generator
         weights = torch.zeros(num_items, dtype=torch.float64)
@@ -93,8 +94,7 @@ class NegativeSampler:
         self._tables: dict[int, Tensor] = {}
 
     def _check_n(self, n: int) -> None:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        check_positive_int("n", n)
         if not self.replacement and n > self._support.numel():
             raise ValueError(f"n = {n} exceeds the {self._support.numel()} items that can be drawn without "
                              "replacement")
