@@ -327,6 +327,9 @@ def build_problem(
         else:
             _check_shape("neg_mask", neg_mask, score_shape, score_desc, kind="bool", device=dev)
 
+    if layout == "indexed" and table_rows == 0:  # an empty table: every neg_idx entry is masked, the N = 0 rule
+        neg_idx = neg_idx[:, :0]
+        neg_mask = None if neg_mask is None else neg_mask[:, :0]
     hit_pos_ids, hit_neg_ids = _hit_ids(layout, R, score_shape, score_desc, pos_ids, neg_ids, pos_idx, neg_idx,
                                         remove_accidental_hits, nm, dev)
     return Problem(layout, query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids,

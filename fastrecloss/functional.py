@@ -143,9 +143,9 @@ _SPECS: dict[str, Callable[..., LossSpec]] = {
 }
 
 
-def loss_spec(fn: str, **hparams: Any) -> LossSpec:
-    """The :class:`LossSpec` of the named loss with these hyper-parameters (errors name ``fn``)."""
-    with _named(fn):
+def loss_spec(fn: str, _name: str | None = None, **hparams: Any) -> LossSpec:
+    """The :class:`LossSpec` of the named loss with these hyper-parameters (errors name ``_name``, else ``fn``)."""
+    with _named(_name or fn):
         return _SPECS[fn](**hparams)
 
 

@@ -11,6 +11,7 @@ the result has the query's leading shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,7 @@ class _RecLoss(nn.Module):
 
     def _set_hparams(self, **hparams: Any) -> None:
         """Hold (and validate now, not at the first forward) the loss's own hyper-parameters."""
-        F.loss_spec(self.loss, **hparams)
+        F.loss_spec(self.loss, type(self).__name__, **hparams)
         self.hparams = hparams
 
     @property
@@ -67,7 +68,7 @@ class _RecLoss(nn.Module):
         return getattr(F, self.loss)
 
     def extra_repr(self) -> str:
-        extras = "".join(f", {k}={v}" for k, v in self.hparams.items())
+        extras = "".join(f", {k}={v!r}" for k, v in self.hparams.items())
         return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}{extras}"
 
     # Public names of the flattened arguments where the module's signature differs (SoftmaxCELoss).
@@ -92,6 +93,7 @@ class _RecLoss(nn.Module):
         """query [..., d] → [R, d] and every per-row argument flattened the same way (see the module doc)."""
         lead = tuple(query.shape[:-1])
         k = len(lead)
+        n_rows = math.prod(lead)  # not -1: a reshape of 0 elements to [-1, 0] is ambiguous (d = 0 or N = 0)
 
         def rows(name: str, t: Tensor | None, extra: int) -> Tensor | None:
             if t is None:
@@ -103,12 +105,12 @@ class _RecLoss(nn.Module):
             if tuple(t.shape[:k]) != lead or t.dim() != k + extra:
                 raise ValueError(f"{public} must have the query's leading shape {lead} followed by {extra} more "
                                  f"dimension(s), got {tuple(t.shape)}")
-            return t.reshape(-1, *t.shape[k:])
+            return t.reshape(n_rows, *t.shape[k:])
 
         in_batch = bool(kwargs.get("in_batch"))
         per_row_neg = (not self._table_only and isinstance(neg, Tensor) and kwargs.get("neg_idx") is None
                        and neg.dim() == k + 2)
-        q = query.reshape(-1, query.shape[-1])
+        q = query.reshape(n_rows, query.shape[-1])
         pos = rows("pos", pos, 1)
         if per_row_neg:
             neg = rows("neg", neg, 2)

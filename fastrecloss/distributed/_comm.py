@@ -9,6 +9,7 @@ communication), so the same code runs in a single-process job.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,11 +86,22 @@ def exchange(g: Group, local: Callable[[], list[int]], width: int, device: torch
     return [r[1:] for r in rows]
 
 
-def agreed(rows: list[list[int]], column: int, what: str) -> int:
-    """The value of ``column`` that every rank must share; a ValueError naming ``what`` otherwise."""
+def float_code(x: float) -> int:
+    """A float as the int64 of its float64 bits (a configuration row holds ints)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def code_float(code: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+def agreed(rows: list[list[int]], column: int, what: str, decode: Callable[[int], Any] | None = None) -> int:
+    """The value of ``column`` that every rank must share; a ValueError naming ``what`` (the values shown
+    through ``decode``) otherwise."""
     values = [r[column] for r in rows]
     if len(set(values)) > 1:
-        raise ValueError(f"{what} must be the same on every rank, got {values} (rank order)")
+        shown = [decode(v) for v in values] if decode else values
+        raise ValueError(f"{what} must be the same on every rank, got {shown} (rank order)")
     return values[0]
 
 

@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import functional as F
-from .._problem import _check_float, _check_shape
+from .._problem import BACKENDS, _check_float, _check_shape, check_choice, check_flag, check_temperature
 from .._spec import acc_dtype
-from ._comm import Group, resolve_group
+from ._comm import Group, code_float, float_code, resolve_group
 from .gather import pool_sizes
 from .sharded import unmasked_counts
 
@@ -122,9 +122,14 @@ def ring_logsumexp(query: Tensor, neg: Tensor, *, ids: Tensor | None = None, pos
         _check_shape("pos_ids", pos_ids, (query.shape[0],), "[R]", kind="int", device=query.device)
         if (ids is None) != (pos_ids is None):
             raise ValueError("accidental-hit removal needs both ids [N] (the negatives') and pos_ids [R] (the rows')")
-        return []
+        # checked here, collectively: the ring's first failure inside the forward would leave the other ranks
+        # waiting for its block (a hang)
+        check_choice("backend", backend, BACKENDS)
+        check_flag("deterministic", deterministic)
+        return [float_code(check_temperature(temperature)), BACKENDS.index(backend), deterministic]
 
-    sizes = pool_sizes(g, neg, ids, log_q, more)
+    sizes = pool_sizes(g, neg, ids, log_q, more, ("temperature", "backend (as a code)", "deterministic"),
+                       {"temperature": code_float})
     opts = {"temperature": temperature, "backend": backend, "deterministic": deterministic}
     if g.world == 1:
         return F.sampled_logsumexp(query, neg, log_q=log_q, neg_ids=ids, pos_ids=pos_ids,
