@@ -351,6 +351,12 @@ def _ring_bad_backend_on_last_rank(rank: int, world: int) -> None:
     D.ring_logsumexp(torch.randn(2, DIM), torch.randn(3, DIM), backend="bogus" if rank == world - 1 else "torch")
 
 
+def _ids_dtype_on_last_rank(rank: int, world: int) -> None:
+    """int32 ids on one rank: the all-gather's buffers were sized by each rank's own dtype."""
+    dtype = torch.int32 if rank == world - 1 else torch.int64
+    D.gather_negatives(torch.randn(3, DIM), ids=torch.arange(3, dtype=dtype))
+
+
 def _bad_gather_dim(rank: int, world: int) -> None:
     D.gather_negatives(torch.randn(3, DIM + (rank == 1), requires_grad=True))
 
@@ -364,6 +370,7 @@ ERROR_CASES: dict[str, tuple[Callable[[int, int], None], type, str]] = {
     "bad_argument_on_one_rank": (_bad_local_arg, ValueError, "softmax_ce: log_q must have shape"),  # public name
     "temperature_differs": (_tau_on_last_rank, ValueError, "temperature must be the same on every rank"),
     "lam_differs": (_lam_on_last_rank, ValueError, "lam must be the same on every rank, got [1.1"),
+    "gather_ids_dtype_differs": (_ids_dtype_on_last_rank, ValueError, "ids' dtype (as a code) must be the same"),
     "ring_backend_on_one_rank": (_ring_bad_backend_on_last_rank, ValueError, "backend must be one of"),
     "rows_differ": (_bad_rows, ValueError, "the number of rows R"),
     "gather_d_differs": (_bad_gather_dim, ValueError, "the negatives' dimension d"),

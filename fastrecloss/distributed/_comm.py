@@ -36,7 +36,8 @@ def resolve_group(group: Any) -> Group:
     return Group(group, dist.get_rank(group), dist.get_world_size(group))
 
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8)
 
 
 def dtype_code(dtype: torch.dtype) -> int:

@@ -73,12 +73,14 @@ def pool_sizes(g: Group, neg: Tensor, ids: Tensor | None, log_q: Tensor | None,
             if t is not None and t.device != neg.device:
                 raise ValueError(f"{name} is on {t.device} but neg is on {neg.device}")
         return [n, neg.shape[1], dtype_code(neg.dtype), ids is not None, log_q is not None,
-                dtype_code(log_q.dtype) if log_q is not None else -1, *(more() if more else [])]
+                dtype_code(log_q.dtype) if log_q is not None else -1, dtype_code(ids.dtype) if ids is not None else -1,
+                *(more() if more else [])]
 
     device = neg.device if isinstance(neg, Tensor) else torch.device("cpu")
-    rows = exchange(g, local, 6 + len(more_what), device)
+    rows = exchange(g, local, 7 + len(more_what), device)
+    # ids' dtype too: the all-gather (and the ring's receive buffers) take the local dtype's size on every rank
     what = ("the negatives' dimension d (neg.shape[1])", "neg's dtype (as a code)", "whether ids is given",
-            "whether log_q is given", "log_q's dtype (as a code)", *more_what)
+            "whether log_q is given", "log_q's dtype (as a code)", "ids' dtype (as a code)", *more_what)
     for column, name in enumerate(what, start=1):
         agreed(rows, column, name, (decode or {}).get(name))
     return [r[0] for r in rows]
