@@ -125,6 +125,10 @@ def test_history_and_cutoffs_are_validated():
         M.full_ranking(lambda u: scores[u], [0, 1], [[], []], None, (0,))
     with pytest.raises(ValueError, match=r"table must be a tensor \[num_items, d\]"):  # was an AttributeError
         M.streaming_full_ranking(lambda u: scores[u], [[0.0] * 5], [0], [[1]], None, (2,))
+    want = M.rank_metrics(scores, [[1], [2]], (2, 3))  # numpy cut-offs were refused ("K must be a positive int")
+    assert M.rank_metrics(scores, [[1], [2]], np.array([2, 3])).keys() == want.keys()
+    assert M.full_ranking(lambda u: scores[u], [0, 1], [[1], [2]], None, np.int64(2)).keys() == {
+        f"{m}@2" for m in M.METRICS}
 
 
 # ------------------------------------------------------------------------------------------------

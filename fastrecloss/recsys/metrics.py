@@ -19,6 +19,7 @@ set: an item listed twice among a user's targets counts once.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,17 +30,17 @@ METRICS = ("recall", "ndcg", "hit", "mrr")
 
 def check_ks(ks: Sequence[int], num_items: int | None) -> tuple[int, ...]:
     """Validate cut-offs: positive ints no larger than the catalogue (``num_items`` None: not checked)."""
-    if isinstance(ks, int):
+    if isinstance(ks, numbers.Integral):
         ks = (ks,)
     out = tuple(ks)
     if not out:
         raise ValueError("ks must name at least one cut-off K")
     for k in out:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"K must be a positive int, got {k!r}")
         if num_items is not None and k > num_items:
             raise ValueError(f"K = {k} is larger than the catalogue ({num_items} items)")
-    return out
+    return tuple(int(k) for k in out)  # numpy integers too: the metric names read 'recall@20
 
 
 def _pad_targets(targets: Sequence[Sequence[int]] | Tensor, device: torch.device) -> Tensor:
