@@ -315,3 +315,17 @@ def test_tensor_tau_compiles_fullgraph(gen: torch.Generator) -> None:
     assert torch.allclose(loss_e, loss_c, rtol=1e-5)
     for a, b in zip(grads_e, grads_c):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_tau_gradient_is_summed_in_fp32() -> None:
+    """∂τ = −(1/τ²) Σ <q, ∂L/∂q'> in fp32, not as bf16 products: measured at this size (4 seeds) a relative error
+    of ≤ 9e-5 against the float64 oracle, and 1.5e-3 to 3.7e-3 for a plain bf16 ``query / tau``."""
+    g = torch.Generator().manual_seed(1)
+    R, N, d = 2048, 256, 64
+    q, p, n = (torch.randn(*s, generator=g).mul(d ** -0.25).bfloat16() for s in ((R, d), (R, d), (N, d)))
+    grads = {}
+    for dtype, backend in ((BF16, "torch"), (F64, "reference")):
+        tau = torch.tensor(0.07, dtype=F32 if dtype == BF16 else F64, requires_grad=True)
+        F.infonce(q.to(dtype), p.to(dtype), n.to(dtype), temperature=tau, backend=backend).backward()
+        grads[backend] = tau.grad.double()
+    assert abs(grads["torch"] / grads["reference"] - 1) < 5e-4
