@@ -8,6 +8,9 @@ in float64, where the two must agree to rounding.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +332,11 @@ def test_bf16_tau_gradient_is_summed_in_fp32() -> None:
         F.infonce(q.to(dtype), p.to(dtype), n.to(dtype), temperature=tau, backend=backend).backward()
         grads[backend] = tau.grad.double()
     assert abs(grads["torch"] / grads["reference"] - 1) < 5e-4
+
+
+@pytest.mark.slow
+def test_distributed_tensor_tau_two_ranks() -> None:
+    """2 gloo ranks (scripts/dist_temperature_check.py): sharded ∂τ complete on every rank, ring ∂τ summed."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "dist_temperature_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
