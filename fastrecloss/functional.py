@@ -3,7 +3,8 @@
 Every loss is a :class:`~fastrecloss._spec.LossSpec` handed to one core per layout; the
 functions below only name the parameterisation. Common keywords:
 
-``temperature`` τ; ``neg_idx`` [R, N] (indexed layout, ``neg`` is then the item table [I, d]);
+``temperature`` τ (a float, or a 0-dim tensor whose gradient is returned: README "Learnable
+temperature"); ``neg_idx`` [R, N] (indexed layout, ``neg`` is then the item table [I, d]);
 ``pos_idx`` [R] (positives as rows of ``neg``); ``log_q`` / ``pos_log_q`` sampling corrections
 subtracted from the scores (``pos_log_q`` defaults to the positive's own ``log_q`` entry when the
 positive is one of the candidates ``log_q`` corrects: in-batch, or ``pos_idx`` with a per-item

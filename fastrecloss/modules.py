@@ -7,6 +7,8 @@ positives), per-row ``neg`` [..., N, d], ``neg_idx`` [..., N], per-row ``log_q``
 the same way.
 ``padding_mask`` [...] (True = padding) gives the padded rows weight 0; with ``reduction='none'``
 the result has the query's leading shape.
+``temperature`` is a float, an ``nn.Parameter`` (registered: learned with the model) or a constant tensor
+(a buffer); ``temperature=`` in a call overrides it (CLIP's ``1 / logit_scale.exp()``).
 """
 
 from __future__ import annotations
