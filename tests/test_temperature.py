@@ -340,3 +340,29 @@ def test_distributed_tensor_tau_two_ranks() -> None:
     script = Path(__file__).resolve().parents[1] / "scripts" / "dist_temperature_check.py"
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_tensor_tau_adds_no_score_matrix() -> None:
+    """The torch backend with a tensor τ allocates nothing larger than with a float τ (its row chunks): no op of
+    the forward or backward returns R·N elements."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    R, N, d = 2048, 1024, 8  # R·N = 2M scores, twice the backend's row chunk (1024 rows)
+    q, p, n = (torch.randn(*s, generator=g, requires_grad=True) for s in ((R, d), (R, d), (N, d)))
+    seen = {}
+    for name, tau in (("float", TAU), ("tensor", torch.tensor(TAU, requires_grad=True))):
+        with Largest() as mode:
+            F.infonce(q, p, n, temperature=tau, backend="torch").backward()
+        seen[name] = mode.numel
+    assert seen["tensor"] == seen["float"] < R * N, seen
