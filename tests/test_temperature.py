@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_properties as props
 import torch
 from helpers import (
     CASES,
@@ -28,6 +29,8 @@ from helpers import (
     run_case,
     supports,
 )
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fastrecloss as frl
@@ -84,6 +87,20 @@ def test_tensor_tau_matches_reference_autograd(case: LossCase, layout: str, opts
     up = random_upstream((7,), gen)
     assert_matches(run(case, "torch", x, reduction="none", upstream=up),
                    run(case, "reference", x, reduction="none", upstream=up), f"{case.id} none")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=props.problems(), reduction=st.sampled_from(["mean", "none"]), seed=st.integers(0, 2**31 - 1))
+def test_random_problems_tensor_tau(problem: tuple, reduction: str, seed: int) -> None:
+    """Random shapes (R = 1, N = 0, d = 1 …), options and τ (test_properties' strategy), float64."""
+    case, layout, opts = problem
+    assume(supports(case, layout, opts))
+    gen = torch.Generator().manual_seed(seed)
+    R, N, d = opts.pop("R"), opts.pop("N"), opts.pop("d")
+    x = make_inputs(layout, R, N, d, gen=gen, **case_options(case, layout, opts))
+    up = random_upstream((R,), gen) if reduction == "none" else None
+    assert_matches(run(case, "torch", x, reduction=reduction, upstream=up),
+                   run(case, "reference", x, reduction=reduction, upstream=up), case.id)
 
 
 @pytest.mark.parametrize(("fn", "hparams", "extra"), [
@@ -366,3 +383,19 @@ def test_tensor_tau_adds_no_score_matrix() -> None:
             F.infonce(q, p, n, temperature=tau, backend="torch").backward()
         seen[name] = mode.numel
     assert seen["tensor"] == seen["float"] < R * N, seen
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_softplus_is_exact_above_20(backend: str) -> None:
+    """A small τ puts BPR/BCE scores above 20, where F.softplus returns x itself (∂ = 1 instead of σ(x),
+    an error of e^-20 ≈ 2e-9 that the float64 oracle comparison above found at τ = 0.125)."""
+    x = torch.tensor(20.1, dtype=F64)
+    q = torch.ones(1, 1, dtype=F64)
+    for fn, pos, neg, want_neg, want_pos in (("bpr", -x, torch.zeros((), dtype=F64), torch.sigmoid(x), -torch.sigmoid(x)),
+                                             ("bce", -x, -x, torch.sigmoid(-x), -torch.sigmoid(x))):
+        p, n = pos.reshape(1, 1).clone().requires_grad_(), neg.reshape(1, 1).clone().requires_grad_()
+        loss = getattr(F, fn)(q, p, n, backend=backend)
+        loss.backward()
+        want = torch.logaddexp(x, torch.zeros(())) + (torch.logaddexp(-x, torch.zeros(())) if fn == "bce" else 0)
+        assert abs(loss.item() - want.item()) < 1e-13 and abs(p.grad.item() - want_pos.item()) < 1e-15, fn
+        assert abs(n.grad.item() - want_neg.item()) < 1e-15, fn
