@@ -391,11 +391,12 @@ def test_softplus_is_exact_above_20(backend: str) -> None:
     an error of e^-20 ≈ 2e-9 that the float64 oracle comparison above found at τ = 0.125)."""
     x = torch.tensor(20.1, dtype=F64)
     q = torch.ones(1, 1, dtype=F64)
-    for fn, pos, neg, want_neg, want_pos in (("bpr", -x, torch.zeros((), dtype=F64), torch.sigmoid(x), -torch.sigmoid(x)),
+    zero = torch.zeros((), dtype=F64)
+    for fn, pos, neg, want_neg, want_pos in (("bpr", -x, zero, torch.sigmoid(x), -torch.sigmoid(x)),
                                              ("bce", -x, -x, torch.sigmoid(-x), -torch.sigmoid(x))):
         p, n = pos.reshape(1, 1).clone().requires_grad_(), neg.reshape(1, 1).clone().requires_grad_()
         loss = getattr(F, fn)(q, p, n, backend=backend)
         loss.backward()
-        want = torch.logaddexp(x, torch.zeros(())) + (torch.logaddexp(-x, torch.zeros(())) if fn == "bce" else 0)
+        want = torch.logaddexp(x, zero) + (torch.logaddexp(-x, zero) if fn == "bce" else 0)
         assert abs(loss.item() - want.item()) < 1e-13 and abs(p.grad.item() - want_pos.item()) < 1e-15, fn
         assert abs(n.grad.item() - want_neg.item()) < 1e-15, fn
