@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._ops import reduce_rows
+from .._ops import divide_by_temperature, reduce_rows
 from .._problem import (
     REDUCTIONS,
     _check_float,
@@ -32,6 +32,7 @@ from .._problem import (
     as_index,
     check_choice,
     check_ignore_index,
+    check_temperature,
     check_weight,
 )
 from .._spec import acc_dtype, contrastive, result_dtype
@@ -116,7 +117,7 @@ def score_sums(q: Tensor, neg: Tensor, log_q: Tensor | None, neg_mask: Tensor | 
 
 def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg: Tensor, *,
                  need_pos: bool = True, target_name: str = "pos_idx", shard: tuple[int, int] | None = None,
-                 group: Any = None, pos_idx: Tensor | None = None, temperature: float = 1.0,
+                 group: Any = None, pos_idx: Tensor | None = None, temperature: float | Tensor = 1.0,
                  log_q: Tensor | None = None, pos_log_q: Tensor | None = None, pos_ids: Tensor | None = None,
                  neg_ids: Tensor | None = None, remove_accidental_hits: bool = False, neg_mask: Tensor | None = None,
                  weight: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
@@ -128,7 +129,7 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
     state: dict[str, Any] = {}
 
     def local() -> list[int]:
-        nonlocal query, pos, neg, pos_idx
+        nonlocal query, pos, neg, pos_idx, temperature
         unknown = sorted(k for k in unsupported if not k.startswith("_") and k not in F.COMMON)
         if unknown:
             raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}")
@@ -145,6 +146,9 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
             _check_float("pos", pos, 2, "[R, d]")
         # a mix of float32 / bfloat16 / float16 is computed (and returned) in float32, as functional does
         query, pos, neg = _promote(query, pos, neg, {"neg": neg_name})
+        temperature = check_temperature(temperature, query.device)
+        if isinstance(temperature, Tensor):  # q/τ with τ = 1: ∂τ follows ∂query, complete on every rank
+            query, temperature = divide_by_temperature(query, temperature), 1.0
         R, d = query.shape
         N = neg.shape[0]
         if neg.shape[1] != d or neg.dtype != query.dtype or neg.device != query.device:
