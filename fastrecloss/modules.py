@@ -7,6 +7,8 @@ positives), per-row ``neg`` [..., N, d], ``neg_idx`` [..., N], per-row ``log_q``
 the same way.
 ``padding_mask`` [...] (True = padding) gives the padded rows weight 0; with ``reduction='none'``
 the result has the query's leading shape.
+``temperature`` is a float, an ``nn.Parameter`` (registered: learned with the model) or a constant tensor
+(a buffer); ``temperature=`` in a call overrides it (CLIP's ``1 / logit_scale.exp()``).
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ class _RecLoss(nn.Module):
 
     loss: str
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
+    def __init__(self, *, temperature: float | Tensor = 1.0, reduction: str = "mean", backend: str = "auto",
                  remove_accidental_hits: bool = False, deterministic: bool = False,
                  ignore_index: int | None = IGNORE_INDEX) -> None:
         super().__init__()
         with F._named(type(self).__name__):
             check_choice("reduction", reduction, REDUCTIONS)
             check_choice("backend", backend, BACKENDS)
-            self.temperature = check_temperature(temperature)
+            self._set_temperature(check_temperature(temperature))
             check_flag("remove_accidental_hits", remove_accidental_hits)
             check_flag("deterministic", deterministic)
             check_ignore_index(ignore_index)
@@ -57,6 +59,17 @@ class _RecLoss(nn.Module):
         self.deterministic = deterministic
         self.ignore_index = ignore_index
         self.hparams: dict[str, Any] = {}
+
+    def _set_temperature(self, tau: float | Tensor) -> None:
+        """A float stays an attribute; an ``nn.Parameter`` is registered (``.parameters()``, ``.to()``,
+        ``state_dict``); another tensor is a non-persistent buffer (``.to()`` moves it)."""
+        if isinstance(tau, nn.Parameter) or not isinstance(tau, Tensor):
+            self.temperature = tau
+        elif tau.requires_grad:
+            raise TypeError("temperature: a tensor that requires grad must be an nn.Parameter to be held by the "
+                            "module (or pass a computed τ per call: loss(..., temperature=tau))")
+        else:
+            self.register_buffer("temperature", tau, persistent=False)
 
     def _set_hparams(self, **hparams: Any) -> None:
         """Hold (and validate now, not at the first forward) the loss's own hyper-parameters."""
@@ -69,7 +82,10 @@ class _RecLoss(nn.Module):
 
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={v!r}" for k, v in self.hparams.items())
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}{extras}"
+        tau = self.temperature
+        if isinstance(tau, Tensor):  # its value (a host read: repr is no hot path)
+            tau = f"{float(tau.detach()):g} ({'learnable' if tau.requires_grad else 'tensor'})"
+        return f"temperature={tau}, reduction={self.reduction!r}, backend={self.backend!r}{extras}"
 
     # Public names of the flattened arguments where the module's signature differs (SoftmaxCELoss).
     _names: dict[str, str] = {}
@@ -83,7 +99,8 @@ class _RecLoss(nn.Module):
             if query.dim() < 1:
                 raise ValueError(f"query must have shape [..., d], got {tuple(query.shape)}")
             q, pos, neg, kwargs = self._flatten(query, pos, neg, padding_mask, kwargs)
-        out = self._fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction, backend=self.backend,
+        temperature = kwargs.pop("temperature", self.temperature)  # a per-call τ (e.g. 1 / logit_scale.exp())
+        out = self._fn(q, pos, neg, temperature=temperature, reduction=self.reduction, backend=self.backend,
                        remove_accidental_hits=self.remove_accidental_hits, deterministic=self.deterministic,
                        ignore_index=self.ignore_index, **self.hparams, **kwargs)
         return out.reshape(query.shape[:-1]) if self.reduction == "none" else out

@@ -43,7 +43,7 @@ _RANK = {"reference": _rb.reference_rank, "torch": _rb.torch_rank, "triton": _rb
 _TOPK = {"reference": _rb.reference_topk, "torch": _rb.torch_topk, "triton": _rb.triton_topk}
 
 
-def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None, temperature: float
+def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None, temperature: float | Tensor
              ) -> _rb.RankProblem:
     _check_float("query", query, 2, "[R, d]")
     _check_float("table", table, 2, "[I, d]")
@@ -54,7 +54,8 @@ def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None
         raise ValueError(f"table is on {table.device} but query is on {query.device}")
     # a 16-bit query against an fp32 table (what autocast leaves) is ranked in fp32, as the losses compute it
     query, _, table = _promote(query, None, table, {"neg": "table"})
-    temperature = check_temperature(temperature)
+    # a 0-dim tensor τ is read once, float(τ) (a host sync for a CUDA tensor; ranking needs no ∂τ)
+    temperature = check_temperature(temperature, query.device)
     ex_ptr = ex_idx = None
     if exclude is not None:
         if not (isinstance(exclude, (tuple, list)) and len(exclude) == 2):
@@ -76,7 +77,7 @@ def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None
 
 @torch.no_grad()
 def target_rank(query: Tensor, table: Tensor, target: Tensor, *, exclude: tuple[Tensor, Tensor] | None = None,
-                temperature: float = 1.0, ties: str = "strict", backend: str = "auto") -> Tensor:
+                temperature: float | Tensor = 1.0, ties: str = "strict", backend: str = "auto") -> Tensor:
     """Per row, how many items (not the target, not excluded) score strictly above the target: int64 [R].
 
     ``query`` [R, d], ``table`` [I, d] (same dtype and device), ``target`` int [R] item ids.
@@ -94,7 +95,7 @@ def target_rank(query: Tensor, table: Tensor, target: Tensor, *, exclude: tuple[
 
 @torch.no_grad()
 def topk(query: Tensor, table: Tensor, k: int, *, exclude: tuple[Tensor, Tensor] | None = None,
-         temperature: float = 1.0, backend: str = "auto") -> tuple[Tensor, Tensor]:
+         temperature: float | Tensor = 1.0, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The k best items per row, excluded ones left out: (scores [R, k] fp32, ids [R, k] int64)."""
     p = _problem(query, table, exclude, temperature)
     p.k = check_positive_int("k", k)

@@ -96,6 +96,16 @@ def code_float(code: int) -> float:
     return struct.unpack("<d", struct.pack("<q", code))[0]
 
 
+def temperature_code(tau: float | Tensor) -> int:
+    """A validated τ for the configuration row: its float64 bits, or −1 (a NaN's, which no float τ is) for a
+    tensor, whose value is not read (a host sync on CUDA)."""
+    return -1 if isinstance(tau, Tensor) else float_code(tau)
+
+
+def temperature_value(code: int) -> float | str:
+    return "a tensor" if code == -1 else code_float(code)
+
+
 def agreed(rows: list[list[int]], column: int, what: str, decode: Callable[[int], Any] | None = None) -> int:
     """The value of ``column`` that every rank must share; a ValueError naming ``what`` (the values shown
     through ``decode``) otherwise."""

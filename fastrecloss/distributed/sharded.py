@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._ops import reduce_rows
+from .._ops import divide_by_temperature, reduce_rows
 from .._problem import (
     REDUCTIONS,
     _check_float,
@@ -32,6 +32,7 @@ from .._problem import (
     as_index,
     check_choice,
     check_ignore_index,
+    check_temperature,
     check_weight,
 )
 from .._spec import acc_dtype, contrastive, result_dtype
@@ -46,6 +47,8 @@ from ._comm import (
     resolve_group,
     sum_grad_over_ranks,
     sum_over_ranks,
+    temperature_code,
+    temperature_value,
 )
 
 _KNOBS = ("eps", "lam", "mu", "label_smoothing", "z_loss")  # the LossSpec hyper-parameters, as float64 bits
@@ -121,7 +124,7 @@ def score_sums(q: Tensor, neg: Tensor, log_q: Tensor | None, neg_mask: Tensor | 
 
 def sharded_loss(name: str, knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg: Tensor, *,
                  need_pos: bool = True, target_name: str = "pos_idx", shard: tuple[int, int] | None = None,
-                 group: Any = None, pos_idx: Tensor | None = None, temperature: float = 1.0,
+                 group: Any = None, pos_idx: Tensor | None = None, temperature: float | Tensor = 1.0,
                  log_q: Tensor | None = None, pos_log_q: Tensor | None = None, pos_ids: Tensor | None = None,
                  neg_ids: Tensor | None = None, remove_accidental_hits: bool = False, neg_mask: Tensor | None = None,
                  weight: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
@@ -138,7 +141,7 @@ def sharded_loss(name: str, knobs: dict[str, float], query: Tensor, pos: Tensor 
             return validate()
 
     def validate() -> list[int]:
-        nonlocal query, pos, neg, pos_idx
+        nonlocal query, pos, neg, pos_idx, temperature
         unknown = sorted(k for k in unsupported if not k.startswith("_") and k not in F.COMMON)
         if unknown:
             raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}")
@@ -155,6 +158,10 @@ def sharded_loss(name: str, knobs: dict[str, float], query: Tensor, pos: Tensor 
             _check_float("pos", pos, 2, "[R, d]")
         # a mix of float32 / bfloat16 / float16 is computed (and returned) in float32, as functional does
         query, pos, neg = _promote(query, pos, neg, {"neg": neg_name})
+        temperature = check_temperature(temperature, query.device)
+        row_tau = temperature_code(temperature)  # before a tensor τ is folded into the query
+        if isinstance(temperature, Tensor):  # q/τ with τ = 1: ∂τ follows ∂query, complete on every rank
+            query, temperature = divide_by_temperature(query, temperature), 1.0
         R, d = query.shape
         N = neg.shape[0]
         if neg.shape[1] != d or neg.dtype != query.dtype or neg.device != query.device:
@@ -201,7 +208,7 @@ def sharded_loss(name: str, knobs: dict[str, float], query: Tensor, pos: Tensor 
                                       remove_accidental_hits=remove_accidental_hits, neg_mask=neg_mask,
                                       reduction="none", backend=backend, deterministic=deterministic,
                                       _need_pos=False, _name=name, _names={"neg": neg_name})
-        row.update(temperature=float_code(temperature), reduction=REDUCTIONS.index(reduction),
+        row.update(temperature=row_tau, reduction=REDUCTIONS.index(reduction),
                    **{k: float_code(getattr(state["spec"], k)) for k in _KNOBS})
         row["mask"] = 0 if neg_mask is None else neg_mask.dim()  # a tensor of [N] or [R, N] by now
         state["n"] = unmasked_counts(R, N, neg_mask, hit_pos if remove_accidental_hits else None, neg_ids,
@@ -231,7 +238,7 @@ def _check_rows(rows: list[list[int]], g: Group, has_target: bool, target_name: 
     for column, what in _SAME.items():
         agreed(rows, _COL[column], what)
     for column in _SAME_FLOATS:
-        agreed(rows, _COL[column], column, decode=code_float)
+        agreed(rows, _COL[column], column, decode=temperature_value if column == "temperature" else code_float)
     starts, total = check_shards(rows)
     if has_target:
         for column in ("tmin", "tmax", "tsum", "tcount"):
