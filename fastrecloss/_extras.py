@@ -1,7 +1,5 @@
 """Options that rewrite a loss call into the core one, so every backend gets them without a new kernel.
 
-* ``temperature`` as a 0-dim tensor (learnable): s = <q/τ, v> − logq, so the call runs on ``query / τ``
-  with τ = 1 and autograd gives ∂L/∂τ exactly, at O(R·d).
 * ``table_grad="sparse"``: the loss runs on ``table[rows]`` (rows = the sorted distinct items that
   ``neg_idx`` / ``pos_idx`` reference, indices remapped, per-item ``log_q`` / ``neg_bias`` sliced) and
   the table receives a coalesced sparse COO gradient of those rows (``torch.optim.SparseAdam``);
@@ -25,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from ._problem import IGNORE_INDEX, _is_compiling, check_choice
+from ._problem import IGNORE_INDEX, check_choice, check_temperature
 from ._spec import Kind, LossSpec, acc_dtype, result_dtype
 
 OPTIONS = ("table_grad", "neg_bias", "pos_bias")
@@ -34,8 +32,7 @@ TABLE_GRADS = ("dense", "sparse")
 
 def wanted(common: dict[str, Any]) -> bool:
     pos_idx = common.get("pos_idx")
-    return (isinstance(common.get("temperature"), Tensor) or any(common.get(k) is not None for k in OPTIONS)
-            or (isinstance(pos_idx, Tensor) and pos_idx.dim() == 2))
+    return any(common.get(k) is not None for k in OPTIONS) or (isinstance(pos_idx, Tensor) and pos_idx.dim() == 2)
 
 
 class _SparseRows(torch.autograd.Function):
@@ -52,18 +49,6 @@ class _SparseRows(torch.autograd.Function):
         (rows,) = ctx.saved_tensors
         sparse = torch.sparse_coo_tensor(rows.unsqueeze(0), grad, ctx.shape, is_coalesced=True, check_invariants=False)
         return sparse, None
-
-
-def _learnable_temperature(query: Tensor, common: dict[str, Any]) -> Tensor:
-    tau = common.get("temperature", 1.0)
-    if not isinstance(tau, Tensor):
-        return query
-    if tau.dim() != 0 or not tau.is_floating_point():
-        raise TypeError(f"temperature must be a float or a 0-dim floating tensor, got {tau.dtype} {tuple(tau.shape)}")
-    if not tau.is_cuda and not _is_compiling() and not bool(torch.isfinite(tau) & (tau > 0)):
-        raise ValueError(f"temperature must be finite and > 0, got {float(tau)}")
-    common["temperature"] = 1.0
-    return query / tau.to(query.device)
 
 
 def _sparse_table(fn: str, neg: Tensor, common: dict[str, Any]) -> Tensor:
@@ -113,8 +98,7 @@ def _bias_column(query: Tensor, pos: Tensor | None, neg: Tensor | None, common: 
     if neg_bias is not None and tuple(neg_bias.shape) != lead:
         raise ValueError(f"neg_bias must have one entry per candidate, shape {lead} (like the negatives without "
                          f"d: [N], [R, N] or the table's [I]), got {tuple(neg_bias.shape)}")
-    tau = common.get("temperature", 1.0)
-    query, common["temperature"] = query / tau, 1.0
+    query, common["temperature"] = _ops.divide_by_temperature(query, common.get("temperature", 1.0)), 1.0
     ones = torch.ones(R, 1, dtype=query.dtype, device=query.device)
 
     def column(x: Tensor, b: Tensor | None) -> Tensor:
@@ -133,7 +117,8 @@ def prepare(fn: str, query: Tensor, pos: Tensor | None, neg: Tensor | None, comm
     common = dict(common)
     if not isinstance(query, Tensor) or (neg is not None and not isinstance(neg, Tensor)):
         return query, pos, neg, common  # the core validation names the argument
-    query = _learnable_temperature(query, common)
+    # a tensor τ is used below (bias column, several positives) before the core validates it
+    common["temperature"] = check_temperature(common.get("temperature", 1.0), query.device)
     if neg is not None:
         neg = _sparse_table(fn, neg, common)
     elif common.pop("table_grad", None) not in (None, "dense"):

@@ -279,6 +279,35 @@ def _saves_state(backend: str, layout: str) -> bool:
     return backend == "triton" and layout != "shared"
 
 
+class _ScaleQuery(torch.autograd.Function):
+    """query / τ for a 0-dim tensor τ, in the accumulation dtype, rounded once to the query's dtype.
+
+    τ enters every loss only through s = <q, v>/τ (− logq, + a bias: terms that do not scale with τ),
+    so the fused losses run on q' = q/τ with τ = 1 and ∂L/∂τ = −(1/τ) Σ_r <q'_r, ∂L/∂q'_r>: O(R·d), no
+    new kernel, and the kernels read τ once, through q', without a host sync. The backward is made of
+    differentiable ops, so it is as twice-differentiable as the gradient it is given."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, tau: Tensor) -> Tensor:
+        ctx.save_for_backward(query, tau)
+        acc = acc_dtype(query.dtype)
+        return (query.to(acc) / tau.to(acc)).to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        query, tau = ctx.saved_tensors
+        acc = acc_dtype(query.dtype)
+        g, t = grad.to(acc), tau.to(acc)
+        grad_q = (g / t).to(query.dtype) if ctx.needs_input_grad[0] else None
+        grad_tau = (-(query.to(acc) * g).sum() / (t * t)).to(tau.dtype) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_tau
+
+
+def divide_by_temperature(query: Tensor, temperature: float | Tensor) -> Tensor:
+    """q / τ: a float τ by plain division, a tensor τ by :class:`_ScaleQuery` (fp32 scale, fp32 ∂τ)."""
+    return _ScaleQuery.apply(query, temperature) if isinstance(temperature, Tensor) else query / temperature
+
+
 def reduce_rows(rows: Tensor, weight: Tensor | None, reduction: str) -> Tensor:
     """Weighted reduction of per-row losses: 'none' → w_r·L_r, 'sum', 'mean' (÷ Σ w, or ÷ R), in the wider
     of the two dtypes (a small fp32 weight does not flush to 0 against 16-bit rows)."""

@@ -62,7 +62,7 @@ class Problem:
     hit_pos_ids: Tensor | None = None  # [R] ids of the positives, for accidental-hit removal
     hit_neg_ids: Tensor | None = None  # shared [N] | per_row / indexed [R, N]
     neg_mask: Tensor | None = None  # bool, True = excluded: shared [N] | [R, N]
-    temperature: float = 1.0
+    temperature: float | Tensor = 1.0  # a 0-dim tensor reaches only the reference backend
     keep: Tensor | None = None  # [R] bool, False = the row's target was ignored (it counts with weight 0)
 
     @property
@@ -110,9 +110,25 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-def check_temperature(temperature: object) -> float:
-    if isinstance(temperature, (Tensor, bool)) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number (a float), got {type(temperature).__name__}")
+def check_temperature(temperature: object, device: torch.device | None = None) -> float | Tensor:
+    """τ as a float, or as a 0-dim floating-point tensor (learnable, e.g. an ``nn.Parameter``) on ``device``
+    (the query's) when given. A tensor's value is checked (finite, > 0) only where that costs no host sync:
+    CPU tensors, CUDA under the debug flag, never in a trace."""
+    if isinstance(temperature, Tensor):
+        if temperature.dim() != 0 or not temperature.is_floating_point():
+            raise TypeError("temperature must be a float or a 0-dim floating-point tensor, got a "
+                            f"{temperature.dtype} tensor of shape {tuple(temperature.shape)}")
+        if device is not None and temperature.device != device:
+            raise ValueError(f"temperature is on {temperature.device} but query is on {device} (a tensor "
+                             "temperature must be on the inputs' device)")
+        if values_checked(temperature):
+            t = temperature.detach()
+            if not bool(torch.isfinite(t) & (t > 0)):
+                raise ValueError(f"temperature must be a finite number > 0, got {t.item()}")
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError("temperature must be a real number (a float) or a 0-dim floating-point tensor, got "
+                        f"{type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return float(temperature)
@@ -202,7 +218,7 @@ def build_problem(
     pos: Tensor | None,
     neg: Tensor | None,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     neg_idx: Tensor | None = None,
     pos_idx: Tensor | None = None,
     log_q: Tensor | None = None,
@@ -225,7 +241,7 @@ def build_problem(
     _check_float("query", query, 2, "[R, d]")
     R, d = query.shape
     dev = query.device
-    temperature = check_temperature(temperature)
+    temperature = check_temperature(temperature, dev)
     check_flag("remove_accidental_hits", remove_accidental_hits)
     check_flag("in_batch", in_batch)
     check_ignore_index(ignore_index)
@@ -327,6 +343,9 @@ def build_problem(
         else:
             _check_shape("neg_mask", neg_mask, score_shape, score_desc, kind="bool", device=dev)
 
+    if layout == "indexed" and table_rows == 0:  # an empty table: every neg_idx entry is masked, the N = 0 rule
+        neg_idx = neg_idx[:, :0]
+        neg_mask = None if neg_mask is None else neg_mask[:, :0]
     hit_pos_ids, hit_neg_ids = _hit_ids(layout, R, score_shape, score_desc, pos_ids, neg_ids, pos_idx, neg_idx,
                                         remove_accidental_hits, nm, dev)
     return Problem(layout, query, neg, pos, pos_idx, neg_idx, log_q, pos_log_q, hit_pos_ids, hit_neg_ids,

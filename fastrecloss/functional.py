@@ -3,7 +3,8 @@
 Every loss is a :class:`~fastrecloss._spec.LossSpec` handed to one core per layout; the
 functions below only name the parameterisation. Common keywords:
 
-``temperature`` τ; ``neg_idx`` [R, N] (indexed layout, ``neg`` is then the item table [I, d]);
+``temperature`` τ (a float, or a 0-dim tensor whose gradient is returned: README "Learnable
+temperature"); ``neg_idx`` [R, N] (indexed layout, ``neg`` is then the item table [I, d]);
 ``pos_idx`` [R] (positives as rows of ``neg``); ``log_q`` / ``pos_log_q`` sampling corrections
 subtracted from the scores (``pos_log_q`` defaults to the positive's own ``log_q`` entry when the
 positive is one of the candidates ``log_q`` corrects: in-batch, or ``pos_idx`` with a per-item
@@ -79,7 +80,7 @@ def compute_loss(
     pos: Tensor | None,
     neg: Tensor | None,
     *,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     neg_idx: Tensor | None = None,
     pos_idx: Tensor | None = None,
     log_q: Tensor | None = None,
@@ -118,6 +119,8 @@ def compute_loss(
         weight = p.keep.to(acc_dtype(p.query.dtype)) if weight is None else weight * p.keep.to(weight.dtype)
     # _acc_out: an intermediate for another formula (several positives) stays in the accumulation dtype
     out_dtype = acc_dtype(p.query.dtype) if _acc_out else result_dtype(p.query.dtype, None, p.query.device)
+    if isinstance(p.temperature, Tensor) and name != "reference":  # a learnable τ: the kernels get q/τ and τ = 1
+        p.query, p.temperature = _ops.divide_by_temperature(p.query, p.temperature), 1.0
     with _autocast_off(p.query.device):
         if name == "reference":
             rows = reference.row_losses(p, spec) if p.R else p.query.sum(dim=1) * 0
@@ -143,9 +146,9 @@ _SPECS: dict[str, Callable[..., LossSpec]] = {
 }
 
 
-def loss_spec(fn: str, **hparams: Any) -> LossSpec:
-    """The :class:`LossSpec` of the named loss with these hyper-parameters (errors name ``fn``)."""
-    with _named(fn):
+def loss_spec(fn: str, _name: str | None = None, **hparams: Any) -> LossSpec:
+    """The :class:`LossSpec` of the named loss with these hyper-parameters (errors name ``_name``, else ``fn``)."""
+    with _named(_name or fn):
         return _SPECS[fn](**hparams)
 
 
@@ -158,7 +161,7 @@ def _loss(fn: str, query: Tensor, pos: Tensor | None, neg: Tensor | None, common
             raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}; the keywords are: "
                             f"{', '.join(COMMON)}")
     spec = loss_spec(fn, **(hparams or {}))
-    if _extras.wanted(common):  # learnable τ, sparse table gradient, item bias, several positives
+    if _extras.wanted(common):  # sparse table gradient, item bias, several positives
         with _named(fn):
             query, pos, neg, common = _extras.prepare(fn, query, pos, neg, common)
             pos_idx = common.get("pos_idx")

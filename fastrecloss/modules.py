@@ -7,10 +7,13 @@ positives), per-row ``neg`` [..., N, d], ``neg_idx`` [..., N], per-row ``log_q``
 the same way.
 ``padding_mask`` [...] (True = padding) gives the padded rows weight 0; with ``reduction='none'``
 the result has the query's leading shape.
+``temperature`` is a float, an ``nn.Parameter`` (registered: learned with the model) or a constant tensor
+(a buffer); ``temperature=`` in a call overrides it (CLIP's ``1 / logit_scale.exp()``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -39,14 +42,14 @@ class _RecLoss(nn.Module):
 
     loss: str
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
+    def __init__(self, *, temperature: float | Tensor = 1.0, reduction: str = "mean", backend: str = "auto",
                  remove_accidental_hits: bool = False, deterministic: bool = False,
                  ignore_index: int | None = IGNORE_INDEX) -> None:
         super().__init__()
         with F._named(type(self).__name__):
             check_choice("reduction", reduction, REDUCTIONS)
             check_choice("backend", backend, BACKENDS)
-            self.temperature = check_temperature(temperature)
+            self._set_temperature(check_temperature(temperature))
             check_flag("remove_accidental_hits", remove_accidental_hits)
             check_flag("deterministic", deterministic)
             check_ignore_index(ignore_index)
@@ -57,9 +60,20 @@ class _RecLoss(nn.Module):
         self.ignore_index = ignore_index
         self.hparams: dict[str, Any] = {}
 
+    def _set_temperature(self, tau: float | Tensor) -> None:
+        """A float stays an attribute; an ``nn.Parameter`` is registered (``.parameters()``, ``.to()``,
+        ``state_dict``); another tensor is a non-persistent buffer (``.to()`` moves it)."""
+        if isinstance(tau, nn.Parameter) or not isinstance(tau, Tensor):
+            self.temperature = tau
+        elif tau.requires_grad:
+            raise TypeError("temperature: a tensor that requires grad must be an nn.Parameter to be held by the "
+                            "module (or pass a computed τ per call: loss(..., temperature=tau))")
+        else:
+            self.register_buffer("temperature", tau, persistent=False)
+
     def _set_hparams(self, **hparams: Any) -> None:
         """Hold (and validate now, not at the first forward) the loss's own hyper-parameters."""
-        F.loss_spec(self.loss, **hparams)
+        F.loss_spec(self.loss, type(self).__name__, **hparams)
         self.hparams = hparams
 
     @property
@@ -67,8 +81,11 @@ class _RecLoss(nn.Module):
         return getattr(F, self.loss)
 
     def extra_repr(self) -> str:
-        extras = "".join(f", {k}={v}" for k, v in self.hparams.items())
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}{extras}"
+        extras = "".join(f", {k}={v!r}" for k, v in self.hparams.items())
+        tau = self.temperature
+        if isinstance(tau, Tensor):  # its value (a host read: repr is no hot path)
+            tau = f"{float(tau.detach()):g} ({'learnable' if tau.requires_grad else 'tensor'})"
+        return f"temperature={tau}, reduction={self.reduction!r}, backend={self.backend!r}{extras}"
 
     # Public names of the flattened arguments where the module's signature differs (SoftmaxCELoss).
     _names: dict[str, str] = {}
@@ -82,7 +99,8 @@ class _RecLoss(nn.Module):
             if query.dim() < 1:
                 raise ValueError(f"query must have shape [..., d], got {tuple(query.shape)}")
             q, pos, neg, kwargs = self._flatten(query, pos, neg, padding_mask, kwargs)
-        out = self._fn(q, pos, neg, temperature=self.temperature, reduction=self.reduction, backend=self.backend,
+        temperature = kwargs.pop("temperature", self.temperature)  # a per-call τ (e.g. 1 / logit_scale.exp())
+        out = self._fn(q, pos, neg, temperature=temperature, reduction=self.reduction, backend=self.backend,
                        remove_accidental_hits=self.remove_accidental_hits, deterministic=self.deterministic,
                        ignore_index=self.ignore_index, **self.hparams, **kwargs)
         return out.reshape(query.shape[:-1]) if self.reduction == "none" else out
@@ -92,6 +110,7 @@ class _RecLoss(nn.Module):
         """query [..., d] → [R, d] and every per-row argument flattened the same way (see the module doc)."""
         lead = tuple(query.shape[:-1])
         k = len(lead)
+        n_rows = math.prod(lead)  # not -1: a reshape of 0 elements to [-1, 0] is ambiguous (d = 0 or N = 0)
 
         def rows(name: str, t: Tensor | None, extra: int) -> Tensor | None:
             if t is None:
@@ -103,12 +122,12 @@ class _RecLoss(nn.Module):
             if tuple(t.shape[:k]) != lead or t.dim() != k + extra:
                 raise ValueError(f"{public} must have the query's leading shape {lead} followed by {extra} more "
                                  f"dimension(s), got {tuple(t.shape)}")
-            return t.reshape(-1, *t.shape[k:])
+            return t.reshape(n_rows, *t.shape[k:])
 
         in_batch = bool(kwargs.get("in_batch"))
         per_row_neg = (not self._table_only and isinstance(neg, Tensor) and kwargs.get("neg_idx") is None
                        and neg.dim() == k + 2)
-        q = query.reshape(-1, query.shape[-1])
+        q = query.reshape(n_rows, query.shape[-1])
         pos = rows("pos", pos, 1)
         if per_row_neg:
             neg = rows("neg", neg, 2)

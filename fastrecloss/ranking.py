@@ -13,8 +13,9 @@ count and are never returned.
 Backends as the losses': ``"reference"`` materialises the R×I scores (the oracle), ``"torch"``
 streams [256 rows × items] tiles of one reused 16 MiB buffer, ``"triton"`` runs
 ``kernels/ranking.py`` (one pass over the catalogue, a per-row count or top-k in registers),
-``"auto"`` picks triton for CUDA tensors. Scores accumulate in fp32 (fp64 inputs: fp64 for the
-reference and torch ranks; the top-k order key is always fp32).
+``"auto"`` picks triton for CUDA tensors (torch for a top-k beyond the kernel's 256). Scores accumulate
+in fp32 (fp64 inputs: fp64 for the reference and torch ranks; the top-k order key is always fp32), under
+``torch.autocast`` too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ._problem import (
     check_temperature,
 )
 from .backends import ranking as _rb
-from .functional import resolve_backend
+from .functional import _autocast_off, resolve_backend
 
 __all__ = ["target_rank", "topk"]
 
@@ -42,7 +43,7 @@ _RANK = {"reference": _rb.reference_rank, "torch": _rb.torch_rank, "triton": _rb
 _TOPK = {"reference": _rb.reference_topk, "torch": _rb.torch_topk, "triton": _rb.triton_topk}
 
 
-def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None, temperature: float
+def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None, temperature: float | Tensor
              ) -> _rb.RankProblem:
     _check_float("query", query, 2, "[R, d]")
     _check_float("table", table, 2, "[I, d]")
@@ -53,7 +54,8 @@ def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None
         raise ValueError(f"table is on {table.device} but query is on {query.device}")
     # a 16-bit query against an fp32 table (what autocast leaves) is ranked in fp32, as the losses compute it
     query, _, table = _promote(query, None, table, {"neg": "table"})
-    temperature = check_temperature(temperature)
+    # a 0-dim tensor τ is read once, float(τ) (a host sync for a CUDA tensor; ranking needs no ∂τ)
+    temperature = check_temperature(temperature, query.device)
     ex_ptr = ex_idx = None
     if exclude is not None:
         if not (isinstance(exclude, (tuple, list)) and len(exclude) == 2):
@@ -75,7 +77,7 @@ def _problem(query: Tensor, table: Tensor, exclude: tuple[Tensor, Tensor] | None
 
 @torch.no_grad()
 def target_rank(query: Tensor, table: Tensor, target: Tensor, *, exclude: tuple[Tensor, Tensor] | None = None,
-                temperature: float = 1.0, ties: str = "strict", backend: str = "auto") -> Tensor:
+                temperature: float | Tensor = 1.0, ties: str = "strict", backend: str = "auto") -> Tensor:
     """Per row, how many items (not the target, not excluded) score strictly above the target: int64 [R].
 
     ``query`` [R, d], ``table`` [I, d] (same dtype and device), ``target`` int [R] item ids.
@@ -87,13 +89,18 @@ def target_rank(query: Tensor, table: Tensor, target: Tensor, *, exclude: tuple[
     _check_range("target", target, p.num_items, "the catalogue table")
     check_choice("ties", ties, TIES)
     p.target, p.ties_by_index = target.to(torch.int64).contiguous(), ties == "index"
-    return _RANK[resolve_backend(backend, query)](p)
+    with _autocast_off(query.device):  # the scores in fp32 whatever autocast would do to a matmul
+        return _RANK[resolve_backend(backend, query)](p)
 
 
 @torch.no_grad()
 def topk(query: Tensor, table: Tensor, k: int, *, exclude: tuple[Tensor, Tensor] | None = None,
-         temperature: float = 1.0, backend: str = "auto") -> tuple[Tensor, Tensor]:
+         temperature: float | Tensor = 1.0, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The k best items per row, excluded ones left out: (scores [R, k] fp32, ids [R, k] int64)."""
     p = _problem(query, table, exclude, temperature)
     p.k = check_positive_int("k", k)
-    return _TOPK[resolve_backend(backend, query)](p)
+    name = resolve_backend(backend, query)
+    if backend == "auto" and name == "triton" and p.k > _rb.MAX_TOPK:  # beyond the kernel's widest list
+        name = "torch"
+    with _autocast_off(query.device):
+        return _TOPK[name](p)

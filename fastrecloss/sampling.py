@@ -42,12 +42,16 @@ class Membership(Protocol):
     def contains(self, users: Tensor, items: Tensor) -> Tensor: ...
 
 
-def _counts(item_counts: Tensor | np.ndarray | Sequence[float], num_items: int) -> Tensor:
+def _counts(item_counts: Tensor | np.ndarray | Sequence[float], num_items: int | None) -> Tensor:
+    """``item_counts`` as float64 [num_items] on the CPU (any length when ``num_items`` is None), validated."""
     counts = torch.as_tensor(np.asarray(item_counts.detach().cpu() if isinstance(item_counts, Tensor) else item_counts),
                              dtype=torch.float64)
-    if tuple(counts.shape) != (num_items,) or not bool(torch.isfinite(counts).all() & (counts >= 0).all()):
-        raise ValueError(f"item_counts must be finite and non-negative of shape [num_items] = ({num_items},), "
-                         f"got shape {tuple(counts.shape)}")
+    want = "[num_items]" if num_items is None else f"[num_items] = ({num_items},)"
+    what = f"item_counts must be finite and non-negative of shape {want}, got"
+    if counts.dim() != 1 or (num_items is not None and counts.shape[0] != num_items):
+        raise ValueError(f"{what} shape {tuple(counts.shape)}")
+    if not bool(torch.isfinite(counts).all() & (counts >= 0).all()):
+        raise ValueError(f"{what} a NaN, infinite or negative entry")
     return counts
 
 
@@ -81,8 +85,9 @@ class NegativeSampler:
         else:
             if item_counts is None:
                 raise ValueError("kind='popularity' needs item_counts [num_items]")
-            if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+            if isinstance(alpha, bool) or not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 0):
                 raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+            alpha = float(alpha)  # numpy scalars too
             counts = _counts(item_counts, num_items)
             weights = torch.where(counts > 0, counts.pow(alpha), 0.0)
             weights[:low] = 0.0
@@ -176,13 +181,21 @@ class NegativeSampler:
 def in_batch_log_q(items: Tensor, item_counts: Tensor | np.ndarray | Sequence[float]) -> Tensor:
     """logQ of in-batch negatives [R] (float32, on ``items``' device): log(R · p_j), p_j = item j's share
     of the training interactions (the probability that a batch row's positive is item j)."""
-    if not isinstance(items, Tensor) or items.dim() != 1 or items.is_floating_point():
-        raise ValueError(f"items must be a 1-D int tensor [R], got {getattr(items, 'shape', type(items).__name__)}")
-    counts = item_counts.to(items.device, torch.float64) if isinstance(item_counts, Tensor) else \
-        torch.as_tensor(np.asarray(item_counts), dtype=torch.float64, device=items.device)
-    if counts.dim() != 1:
-        raise ValueError(f"item_counts must be 1-D [num_items], got shape {tuple(counts.shape)}")
-    if items.numel() and not items.is_cuda and bool(((items < 0) | (items >= counts.shape[0])).any()):
-        raise ValueError(f"items has values in [{int(items.min())}, {int(items.max())}], out of range for "
-                         f"item_counts of size {counts.shape[0]}")  # −1 would silently read the last item's count
+    if (not isinstance(items, Tensor) or items.dim() != 1 or items.is_floating_point() or items.is_complex()
+            or items.dtype == torch.bool):
+        got = f"{tuple(items.shape)} {items.dtype}" if isinstance(items, Tensor) else type(items).__name__
+        raise ValueError(f"items must be a 1-D int tensor [R], got {got}")
+    if isinstance(item_counts, Tensor) and item_counts.is_cuda:  # no host sync: the shape only
+        counts = item_counts.to(items.device, torch.float64)
+        if counts.dim() != 1:
+            raise ValueError(f"item_counts must be of shape [num_items], got shape {tuple(counts.shape)}")
+    else:
+        counts = _counts(item_counts, None).to(items.device)
+    if items.numel() and not items.is_cuda:  # checks that read the values: on the host only (no sync on CUDA)
+        if bool(((items < 0) | (items >= counts.shape[0])).any()):
+            raise ValueError(f"items has values in [{int(items.min())}, {int(items.max())}], out of range for "
+                             f"item_counts of size {counts.shape[0]}")  # −1 would silently read the last item's count
+        if not bool((counts[items] > 0).all()):
+            raise ValueError("item_counts is 0 for an item of the batch: its probability of being a batch row's "
+                             "positive cannot be 0 (log_q would be -inf)")
     return (counts[items] / counts.sum() * items.shape[0]).log().to(torch.float32)

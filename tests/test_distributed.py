@@ -337,6 +337,26 @@ def _unsupported_keyword(rank: int, world: int) -> None:
     D.infonce(torch.randn(3, DIM), torch.randn(3, DIM), torch.randn(4, DIM), neg_idx=torch.zeros(3, 2, dtype=int))
 
 
+def _tau_on_last_rank(rank: int, world: int) -> None:
+    D.softmax_ce(torch.randn(3, DIM), torch.randn(4, DIM), torch.tensor([0, 1, 2]),
+                 temperature=0.5 if rank == world - 1 else 1.0)
+
+
+def _lam_on_last_rank(rank: int, world: int) -> None:
+    D.mine_plus(torch.randn(3, DIM), torch.randn(3, DIM), torch.randn(4, DIM), lam=1.5 if rank == world - 1 else 1.1)
+
+
+def _ring_bad_backend_on_last_rank(rank: int, world: int) -> None:
+    """Raised inside the ring's forward on that rank only, this left the others waiting for its block."""
+    D.ring_logsumexp(torch.randn(2, DIM), torch.randn(3, DIM), backend="bogus" if rank == world - 1 else "torch")
+
+
+def _ids_dtype_on_last_rank(rank: int, world: int) -> None:
+    """int32 ids on one rank: the all-gather's buffers were sized by each rank's own dtype."""
+    dtype = torch.int32 if rank == world - 1 else torch.int64
+    D.gather_negatives(torch.randn(3, DIM), ids=torch.arange(3, dtype=dtype))
+
+
 def _bad_gather_dim(rank: int, world: int) -> None:
     D.gather_negatives(torch.randn(3, DIM + (rank == 1), requires_grad=True))
 
@@ -347,7 +367,11 @@ ERROR_CASES: dict[str, tuple[Callable[[int, int], None], type, str]] = {
     "shards_with_a_gap": (_bad_shards({0: (0, 3), 1: (5, 11)}), ValueError, "do not cover the catalogue: rows [3, 5)"),
     "d_differs": (_bad_dim, ValueError, "d (query.shape[1]) must be the same on every rank"),
     "target_outside_every_shard": (_bad_target, ValueError, "target has values in [0, "),
-    "bad_argument_on_one_rank": (_bad_local_arg, ValueError, "log_q must have shape"),
+    "bad_argument_on_one_rank": (_bad_local_arg, ValueError, "softmax_ce: log_q must have shape"),  # public name
+    "temperature_differs": (_tau_on_last_rank, ValueError, "temperature must be the same on every rank"),
+    "lam_differs": (_lam_on_last_rank, ValueError, "lam must be the same on every rank, got [1.1"),
+    "gather_ids_dtype_differs": (_ids_dtype_on_last_rank, ValueError, "ids' dtype (as a code) must be the same"),
+    "ring_backend_on_one_rank": (_ring_bad_backend_on_last_rank, ValueError, "backend must be one of"),
     "rows_differ": (_bad_rows, ValueError, "the number of rows R"),
     "gather_d_differs": (_bad_gather_dim, ValueError, "the negatives' dimension d"),
     "ring_without_pos_ids": (lambda r, w: D.ring_logsumexp(torch.randn(2, DIM), torch.randn(3, DIM),

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._spec import acc_dtype
+from ..kernels.config import MAX_TOPK  # noqa: F401 - the widest top-k of the kernel ("auto" falls back beyond)
 
 TILE_ELEMENTS = 1 << 22  # torch backend: one fp32 [rows, items] score tile of 16 MiB, reused
 CHUNK_ROWS = 256
@@ -60,8 +61,9 @@ def entry_rows(indptr: Tensor, nnz: int) -> Tensor:
 
 
 def rank_key(s: Tensor, cols: Tensor) -> Tensor:
-    """int64 keys ordered as (fp32 score descending, id ascending), as ``kernels/ranking.py``'s."""
-    bits = s.to(torch.float32).view(torch.int32)
+    """int64 keys ordered as (fp32 score descending, id ascending), as ``kernels/ranking.py``'s. −0.0 is
+    folded to +0.0 first (their bits differ, the scores tie: by id), as the kernel's fp32 accumulator does."""
+    bits = (s.to(torch.float32) + 0.0).view(torch.int32)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (ordered.to(torch.int64) << 32) | (_LOW - cols)
 
@@ -130,6 +132,11 @@ def _chunk_exclusions(p: RankProblem, r0: int, r1: int, width: int) -> tuple[Ten
     return rows, cols, torch.searchsorted(cols, starts).tolist()
 
 
+def _scale(s: Tensor, temperature: float) -> Tensor:
+    """``s`` · (1/τ) in place: the one scaling of every torch-path score (the kernel's ``inv_tau`` too)."""
+    return s.mul_(1.0 / temperature) if temperature != 1.0 else s
+
+
 def _chunks(p: RankProblem, acc: torch.dtype) -> Iterator[tuple[int, int, Tensor, Iterator[tuple[Tensor, Tensor]]]]:
     """Row chunks (r0, r1, q in ``acc``, tiles): ``tiles`` yields (s [rows, width], item ids) for the
     chunk, the scores in one reused buffer with the exclusions at −inf."""
@@ -142,8 +149,7 @@ def _chunks(p: RankProblem, acc: torch.dtype) -> Iterator[tuple[int, int, Tensor
         for t, t0 in enumerate(range(0, p.num_items, width)):
             t1 = min(p.num_items, t0 + width)
             s = torch.mm(q, p.table[t0:t1].to(acc).T, out=buf[: (r1 - r0) * (t1 - t0)].view(r1 - r0, t1 - t0))
-            if p.temperature != 1.0:
-                s.mul_(1.0 / p.temperature)
+            _scale(s, p.temperature)
             if ex is not None and ex[2][t + 1] > ex[2][t]:
                 part = slice(ex[2][t], ex[2][t + 1])
                 s[ex[0][part], ex[1][part] - t0] = -math.inf
@@ -160,8 +166,10 @@ def torch_rank(p: RankProblem) -> Tensor:
     out = torch.empty(p.R, dtype=torch.int64, device=p.query.device)
     for r0, r1, q, tiles in _chunks(p, acc):
         target = p.target[r0:r1]
-        # the targets' scores from the same kind of GEMM as the tiles, so equal vectors tie exactly
-        s_t = ((q @ p.table[target].to(acc).T).diagonal() / p.temperature).unsqueeze(1)
+        # the targets' scores from the same kind of GEMM as the tiles (a CPU GEMM may still round an equal vector
+        # differently at another column, the reference's too: exact ties are certain for exact products only)
+        # and the same scaling by 1/τ (x·(1/τ) and x/τ can differ in the last bit: a tie would break)
+        s_t = _scale((q @ p.table[target].to(acc).T).diagonal().unsqueeze(1), p.temperature)
         cnt = torch.zeros(r1 - r0, dtype=torch.int64, device=q.device)
         for s, cols in tiles:
             inside = (target >= cols[0]) & (target <= cols[-1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="limits suite: verify the predicted size by a run when it takes less than this")
 
 
+def _check(args: argparse.Namespace) -> str | None:
+    """The first bad argument's one-line error, or None (a bad one used to fail every case, or with a traceback)."""
+    if args.repeats < 1:
+        return f"--repeats must be >= 1, got {args.repeats}"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        return f"--device {args.device!r}: {e}"
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        return f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible)"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device must be cpu or cuda[:N], got {args.device!r}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    error = _check(args)
+    if error is None and args.suite != "gpu":
+        try:
+            (args.out or Path("bench/results")).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = f"--out {args.out}: {e.strerror or e}"
+    if error is not None:
+        print(f"fastrecloss bench: error: {error}", file=sys.stderr)
+        return 2
     if args.suite == "gpu":
         from ..benchmark import gpu
 

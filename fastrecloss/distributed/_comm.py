@@ -9,6 +9,7 @@ communication), so the same code runs in a single-process job.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,8 @@ def resolve_group(group: Any) -> Group:
     return Group(group, dist.get_rank(group), dist.get_world_size(group))
 
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8)
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -85,11 +87,32 @@ def exchange(g: Group, local: Callable[[], list[int]], width: int, device: torch
     return [r[1:] for r in rows]
 
 
-def agreed(rows: list[list[int]], column: int, what: str) -> int:
-    """The value of ``column`` that every rank must share; a ValueError naming ``what`` otherwise."""
+def float_code(x: float) -> int:
+    """A float as the int64 of its float64 bits (a configuration row holds ints)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def code_float(code: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+def temperature_code(tau: float | Tensor) -> int:
+    """A validated τ for the configuration row: its float64 bits, or −1 (a NaN's, which no float τ is) for a
+    tensor, whose value is not read (a host sync on CUDA)."""
+    return -1 if isinstance(tau, Tensor) else float_code(tau)
+
+
+def temperature_value(code: int) -> float | str:
+    return "a tensor" if code == -1 else code_float(code)
+
+
+def agreed(rows: list[list[int]], column: int, what: str, decode: Callable[[int], Any] | None = None) -> int:
+    """The value of ``column`` that every rank must share; a ValueError naming ``what`` (the values shown
+    through ``decode``) otherwise."""
     values = [r[column] for r in rows]
     if len(set(values)) > 1:
-        raise ValueError(f"{what} must be the same on every rank, got {values} (rank order)")
+        shown = [decode(v) for v in values] if decode else values
+        raise ValueError(f"{what} must be the same on every rank, got {shown} (rank order)")
     return values[0]
 
 

@@ -57,10 +57,12 @@ def gather_negatives(neg: Tensor, *, ids: Tensor | None = None, log_q: Tensor | 
 
 
 def pool_sizes(g: Group, neg: Tensor, ids: Tensor | None, log_q: Tensor | None,
-               more: Callable[[], list[int]] | None = None, more_what: tuple[str, ...] = ()) -> list[int]:
+               more: Callable[[], list[int]] | None = None, more_what: tuple[str, ...] = (),
+               decode: dict[str, Callable[[int], Any]] | None = None) -> list[int]:
     """Validate one rank's pool (``neg`` [N_k, d], ``ids`` / ``log_q`` [N_k]) against every rank's; return
     the sizes N_k in rank order (every rank raises the same error on a mismatch or a bad argument).
-    ``more()`` validates further local arguments; its values (named by ``more_what``) must agree too."""
+    ``more()`` validates further local arguments; its values (named by ``more_what``, shown in an error
+    through ``decode[name]`` where given) must agree too."""
 
     def local() -> list[int]:
         _check_float("neg", neg, 2, "[N, d]")
@@ -71,14 +73,16 @@ def pool_sizes(g: Group, neg: Tensor, ids: Tensor | None, log_q: Tensor | None,
             if t is not None and t.device != neg.device:
                 raise ValueError(f"{name} is on {t.device} but neg is on {neg.device}")
         return [n, neg.shape[1], dtype_code(neg.dtype), ids is not None, log_q is not None,
-                dtype_code(log_q.dtype) if log_q is not None else -1, *(more() if more else [])]
+                dtype_code(log_q.dtype) if log_q is not None else -1, dtype_code(ids.dtype) if ids is not None else -1,
+                *(more() if more else [])]
 
     device = neg.device if isinstance(neg, Tensor) else torch.device("cpu")
-    rows = exchange(g, local, 6 + len(more_what), device)
+    rows = exchange(g, local, 7 + len(more_what), device)
+    # ids' dtype too: the all-gather (and the ring's receive buffers) take the local dtype's size on every rank
     what = ("the negatives' dimension d (neg.shape[1])", "neg's dtype (as a code)", "whether ids is given",
-            "whether log_q is given", "log_q's dtype (as a code)", *more_what)
+            "whether log_q is given", "log_q's dtype (as a code)", "ids' dtype (as a code)", *more_what)
     for column, name in enumerate(what, start=1):
-        agreed(rows, column, name)
+        agreed(rows, column, name, (decode or {}).get(name))
     return [r[0] for r in rows]
 
 

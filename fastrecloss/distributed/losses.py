@@ -14,39 +14,41 @@ def sampled_logsumexp(query: Tensor, neg: Tensor, *, shard: tuple[int, int] | No
                       reduction: str = "none", **common: Any) -> Tensor:
     """log Σ_j e^{s_rj} over the negatives of every rank [R] (0 for a row without any), with ``neg`` this
     rank's [N_k, d]; ``shard``, ``group`` as in :func:`softmax_ce`."""
-    return sharded_loss(dict(eps=0.0, lam=1.0, mu=0.0), query, None, neg, need_pos=False, shard=shard, group=group,
-                        reduction=reduction, **common)
+    return sharded_loss("sampled_logsumexp", dict(eps=0.0, lam=1.0, mu=0.0), query, None, neg, need_pos=False,
+                        shard=shard, group=group, reduction=reduction, **common)
 
 
 def infonce(query: Tensor, pos: Tensor | None, neg: Tensor, *, shard: tuple[int, int] | None = None,
             group: Any = None, **common: Any) -> Tensor:
     """InfoNCE over a pool sharded across ranks (``neg`` = this rank's part; ``pos`` [R, d] replicated,
     or ``pos_idx`` [R] global rows of the pool)."""
-    return sharded_loss(dict(eps=1.0, lam=1.0, mu=0.0), query, pos, neg, shard=shard, group=group, **common)
+    return sharded_loss("infonce", dict(eps=1.0, lam=1.0, mu=0.0), query, pos, neg, shard=shard, group=group, **common)
 
 
 def infonce_plus(query: Tensor, pos: Tensor | None, neg: Tensor, *, eps: float = 0.0, lam: float = 1.1,
                  shard: tuple[int, int] | None = None, group: Any = None, **common: Any) -> Tensor:
     """InfoNCE+ over a sharded pool (see :func:`infonce`)."""
-    return sharded_loss(dict(eps=eps, lam=lam, mu=0.0), query, pos, neg, shard=shard, group=group, **common)
+    return sharded_loss("infonce_plus", dict(eps=eps, lam=lam, mu=0.0), query, pos, neg, shard=shard, group=group,
+                        **common)
 
 
 def dcl(query: Tensor, pos: Tensor | None, neg: Tensor, *, shard: tuple[int, int] | None = None,
         group: Any = None, **common: Any) -> Tensor:
     """DCL over a sharded pool (see :func:`infonce`)."""
-    return sharded_loss(dict(eps=0.0, lam=1.0, mu=0.0), query, pos, neg, shard=shard, group=group, **common)
+    return sharded_loss("dcl", dict(eps=0.0, lam=1.0, mu=0.0), query, pos, neg, shard=shard, group=group, **common)
 
 
 def mine(query: Tensor, pos: Tensor | None, neg: Tensor, *, shard: tuple[int, int] | None = None,
          group: Any = None, **common: Any) -> Tensor:
     """MINE over a sharded pool (the mean's count is merged across ranks; see :func:`infonce`)."""
-    return sharded_loss(dict(eps=0.0, lam=1.0, mu=1.0), query, pos, neg, shard=shard, group=group, **common)
+    return sharded_loss("mine", dict(eps=0.0, lam=1.0, mu=1.0), query, pos, neg, shard=shard, group=group, **common)
 
 
 def mine_plus(query: Tensor, pos: Tensor | None, neg: Tensor, *, lam: float = 1.1,
               shard: tuple[int, int] | None = None, group: Any = None, **common: Any) -> Tensor:
     """MINE+ over a sharded pool (see :func:`infonce`)."""
-    return sharded_loss(dict(eps=0.0, lam=lam, mu=1.0), query, pos, neg, shard=shard, group=group, **common)
+    return sharded_loss("mine_plus", dict(eps=0.0, lam=lam, mu=1.0), query, pos, neg, shard=shard, group=group,
+                        **common)
 
 
 def softmax_ce(query: Tensor, table_shard: Tensor, target: Tensor, *, shard: tuple[int, int] | None = None,
@@ -66,5 +68,5 @@ def softmax_ce(query: Tensor, table_shard: Tensor, target: Tensor, *, shard: tup
         if key in common:
             common["_" + key] = common.pop(key)  # refused inside, collectively
     knobs = dict(eps=0.0, lam=1.0, mu=0.0, label_smoothing=label_smoothing, z_loss=z_loss)
-    return sharded_loss(knobs, query, None, table_shard, pos_idx=target, target_name="target", shard=shard,
-                        group=group, **common)
+    return sharded_loss("softmax_ce", knobs, query, None, table_shard, pos_idx=target, target_name="target",
+                        shard=shard, group=group, **common)

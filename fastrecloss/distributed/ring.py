@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import functional as F
-from .._problem import _check_float, _check_shape
+from .._ops import divide_by_temperature
+from .._problem import BACKENDS, _check_float, _check_shape, check_choice, check_flag, check_temperature
 from .._spec import acc_dtype
-from ._comm import Group, resolve_group
+from ._comm import Group, resolve_group, temperature_code, temperature_value
 from .gather import pool_sizes
 from .sharded import unmasked_counts
 
@@ -98,8 +99,8 @@ class _RingLSE(torch.autograd.Function):
 
 
 def ring_logsumexp(query: Tensor, neg: Tensor, *, ids: Tensor | None = None, pos_ids: Tensor | None = None,
-                   log_q: Tensor | None = None, temperature: float = 1.0, group: Any = None, backend: str = "auto",
-                   deterministic: bool = False) -> Tensor:
+                   log_q: Tensor | None = None, temperature: float | Tensor = 1.0, group: Any = None,
+                   backend: str = "auto", deterministic: bool = False) -> Tensor:
     """log Σ_j e^{s_rj} of this rank's rows ``query`` [R_k, d] over every rank's negatives ``neg``
     [N_k, d] — what ``gather_negatives`` + ``functional.sampled_logsumexp`` give — without ever
     holding the global pool: the blocks travel a ring (Inf-CL). ``ids`` [N_k] with ``pos_ids``
@@ -122,9 +123,17 @@ def ring_logsumexp(query: Tensor, neg: Tensor, *, ids: Tensor | None = None, pos
         _check_shape("pos_ids", pos_ids, (query.shape[0],), "[R]", kind="int", device=query.device)
         if (ids is None) != (pos_ids is None):
             raise ValueError("accidental-hit removal needs both ids [N] (the negatives') and pos_ids [R] (the rows')")
-        return []
+        # checked here, collectively: the ring's first failure inside the forward would leave the other ranks
+        # waiting for its block (a hang)
+        check_choice("backend", backend, BACKENDS)
+        check_flag("deterministic", deterministic)
+        tau = check_temperature(temperature, query.device)
+        return [temperature_code(tau), BACKENDS.index(backend), deterministic]
 
-    sizes = pool_sizes(g, neg, ids, log_q, more)
+    sizes = pool_sizes(g, neg, ids, log_q, more, ("temperature", "backend (as a code)", "deterministic"),
+                       {"temperature": temperature_value})
+    if isinstance(temperature, Tensor):  # q/τ with τ = 1: ∂τ is this rank's rows' part, as the query tower's
+        query, temperature = divide_by_temperature(query, temperature), 1.0
     opts = {"temperature": temperature, "backend": backend, "deterministic": deterministic}
     if g.world == 1:
         return F.sampled_logsumexp(query, neg, log_q=log_q, neg_ids=ids, pos_ids=pos_ids,

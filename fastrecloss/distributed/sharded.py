@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .._ops import reduce_rows
+from .._ops import divide_by_temperature, reduce_rows
 from .._problem import (
     REDUCTIONS,
     _check_float,
@@ -32,22 +32,28 @@ from .._problem import (
     as_index,
     check_choice,
     check_ignore_index,
+    check_temperature,
     check_weight,
 )
 from .._spec import acc_dtype, contrastive, result_dtype
 from ._comm import (
     Group,
     agreed,
+    code_float,
     dtype_code,
     exchange,
+    float_code,
     max_over_ranks,
     resolve_group,
     sum_grad_over_ranks,
     sum_over_ranks,
+    temperature_code,
+    temperature_value,
 )
 
+_KNOBS = ("eps", "lam", "mu", "label_smoothing", "z_loss")  # the LossSpec hyper-parameters, as float64 bits
 _ROW = ("R", "d", "N", "start", "stop", "has_shard", "dtype", "log_q", "mask", "pos", "pos_idx", "hits",
-        "pos_log_q", "weight", "qgrad", "tmin", "tmax", "tsum", "tcount")
+        "pos_log_q", "weight", "qgrad", "reduction", "temperature", *_KNOBS, "tmin", "tmax", "tsum", "tcount")
 _COL = {name: i for i, name in enumerate(_ROW)}
 _SAME = {"R": "the number of rows R (query.shape[0]; per-row arguments are replicated)",
          "d": "d (query.shape[1])", "has_shard": "whether shard= is given", "dtype": "the query's dtype (as a code)",
@@ -55,7 +61,9 @@ _SAME = {"R": "the number of rows R (query.shape[0]; per-row arguments are repli
          "pos": "whether pos is given", "pos_idx": "whether the positive is a table row",
          "hits": "remove_accidental_hits", "pos_log_q": "whether pos_log_q is given",
          "weight": "whether weight is given",
-         "qgrad": "whether the query needs a gradient (its backward all-reduces ∂query)"}
+         "qgrad": "whether the query needs a gradient (its backward all-reduces ∂query)",
+         "reduction": "reduction (as a code)"}
+_SAME_FLOATS = ("temperature", *_KNOBS)  # replicated hyper-parameters: a mismatch would be a different loss per rank
 
 
 def unmasked_counts(R: int, N: int, neg_mask: Tensor | None, hit_pos: Tensor | None, hit_neg: Tensor | None,
@@ -114,21 +122,26 @@ def score_sums(q: Tensor, neg: Tensor, log_q: Tensor | None, neg_mask: Tensor | 
     return s
 
 
-def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg: Tensor, *,
+def sharded_loss(name: str, knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg: Tensor, *,
                  need_pos: bool = True, target_name: str = "pos_idx", shard: tuple[int, int] | None = None,
-                 group: Any = None, pos_idx: Tensor | None = None, temperature: float = 1.0,
+                 group: Any = None, pos_idx: Tensor | None = None, temperature: float | Tensor = 1.0,
                  log_q: Tensor | None = None, pos_log_q: Tensor | None = None, pos_ids: Tensor | None = None,
                  neg_ids: Tensor | None = None, remove_accidental_hits: bool = False, neg_mask: Tensor | None = None,
                  weight: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
                  deterministic: bool = False, ignore_index: int = -100, check: bool = True,
                  **unsupported: Any) -> Tensor:
     """The contrastive family over a pool sharded across ranks (see the module doc); ``knobs`` are the
-    :class:`~fastrecloss._spec.LossSpec` hyper-parameters (eps, lam, mu, label_smoothing, z_loss)."""
+    :class:`~fastrecloss._spec.LossSpec` hyper-parameters (eps, lam, mu, label_smoothing, z_loss); errors
+    name the public function ``name``."""
     g = resolve_group(group)
     state: dict[str, Any] = {}
 
     def local() -> list[int]:
-        nonlocal query, pos, neg, pos_idx
+        with F._named(name):
+            return validate()
+
+    def validate() -> list[int]:
+        nonlocal query, pos, neg, pos_idx, temperature
         unknown = sorted(k for k in unsupported if not k.startswith("_") and k not in F.COMMON)
         if unknown:
             raise TypeError(f"got an unexpected keyword argument {unknown[0]!r}")
@@ -145,6 +158,10 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
             _check_float("pos", pos, 2, "[R, d]")
         # a mix of float32 / bfloat16 / float16 is computed (and returned) in float32, as functional does
         query, pos, neg = _promote(query, pos, neg, {"neg": neg_name})
+        temperature = check_temperature(temperature, query.device)
+        row_tau = temperature_code(temperature)  # before a tensor τ is folded into the query
+        if isinstance(temperature, Tensor):  # q/τ with τ = 1: ∂τ follows ∂query, complete on every rank
+            query, temperature = divide_by_temperature(query, temperature), 1.0
         R, d = query.shape
         N = neg.shape[0]
         if neg.shape[1] != d or neg.dtype != query.dtype or neg.device != query.device:
@@ -184,10 +201,15 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
             state["valid"] = valid
         hit_pos = (pos_ids if pos_ids is not None else pos_idx) if remove_accidental_hits else pos_ids
         q = sum_grad_over_ranks(query, g)
-        # The fused primitive validates the per-item arguments (log_q, neg_mask, neg_ids: this shard's slice).
-        state["lse"] = F.sampled_logsumexp(q, neg, temperature=temperature, log_q=log_q, pos_ids=hit_pos,
-                                           neg_ids=neg_ids, remove_accidental_hits=remove_accidental_hits,
-                                           neg_mask=neg_mask, backend=backend, deterministic=deterministic)
+        # The fused primitive validates the per-item arguments (log_q, neg_mask, neg_ids: this shard's slice),
+        # its errors naming this function and neg_name.
+        state["lse"] = F.compute_loss(F.loss_spec("sampled_logsumexp"), q, None, neg, temperature=temperature,
+                                      log_q=log_q, pos_ids=hit_pos, neg_ids=neg_ids,
+                                      remove_accidental_hits=remove_accidental_hits, neg_mask=neg_mask,
+                                      reduction="none", backend=backend, deterministic=deterministic,
+                                      _need_pos=False, _name=name, _names={"neg": neg_name})
+        row.update(temperature=row_tau, reduction=REDUCTIONS.index(reduction),
+                   **{k: float_code(getattr(state["spec"], k)) for k in _KNOBS})
         row["mask"] = 0 if neg_mask is None else neg_mask.dim()  # a tensor of [N] or [R, N] by now
         state["n"] = unmasked_counts(R, N, neg_mask, hit_pos if remove_accidental_hits else None, neg_ids,
                                      query.device)
@@ -199,18 +221,8 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
     device = query.device if isinstance(query, Tensor) else torch.device("cpu")
     if check:
         rows = exchange(g, local, len(_ROW), device)
-        for name, what in _SAME.items():
-            agreed(rows, _COL[name], what)
-        starts, total = check_shards(rows)
-        start = starts[g.rank]
-        if pos_idx is not None:
-            for name in ("tmin", "tmax", "tsum", "tcount"):
-                agreed(rows, _COL[name], f"{target_name} (per-row, replicated)")
-            lo, hi = rows[0][_COL["tmin"]], rows[0][_COL["tmax"]]
-            if rows[0][_COL["tcount"]] and (lo < 0 or hi >= total):
-                raise ValueError(f"{target_name} has values in [{lo}, {hi}] outside every shard: the {g.world} "
-                                 f"shards cover the catalogue [0, {total}) (ignore_index={ignore_index} marks "
-                                 "ignored rows)")
+        with F._named(name):
+            start = _check_rows(rows, g, pos_idx is not None, target_name, ignore_index)
     else:
         if shard is None and g.world > 1:
             raise ValueError("check=False needs shard=(start, stop): the offsets come from the check otherwise")
@@ -218,6 +230,25 @@ def sharded_loss(knobs: dict[str, float], query: Tensor, pos: Tensor | None, neg
         start = shard[0] if shard is not None else 0
     state["s_tab"] = _positive_on_shard(state, neg, pos_idx, start, temperature, log_q, pos_log_q)
     return _merge(g, state, need_pos, query, pos, temperature, pos_log_q, weight, reduction)
+
+
+def _check_rows(rows: list[list[int]], g: Group, has_target: bool, target_name: str, ignore_index: int | None
+                ) -> int:
+    """Every rank's configuration row agrees and the shards tile the catalogue; this rank's start."""
+    for column, what in _SAME.items():
+        agreed(rows, _COL[column], what)
+    for column in _SAME_FLOATS:
+        agreed(rows, _COL[column], column, decode=temperature_value if column == "temperature" else code_float)
+    starts, total = check_shards(rows)
+    if has_target:
+        for column in ("tmin", "tmax", "tsum", "tcount"):
+            agreed(rows, _COL[column], f"{target_name} (per-row, replicated)")
+        lo, hi = rows[0][_COL["tmin"]], rows[0][_COL["tmax"]]
+        if rows[0][_COL["tcount"]] and (lo < 0 or hi >= total):
+            raise ValueError(f"{target_name} has values in [{lo}, {hi}] outside every shard: the {g.world} "
+                             f"shards cover the catalogue [0, {total}) (ignore_index={ignore_index} marks "
+                             "ignored rows)")
+    return starts[g.rank]
 
 
 def _positive_on_shard(state: dict[str, Any], neg: Tensor, pos_idx: Tensor | None, start: int, temperature: float,

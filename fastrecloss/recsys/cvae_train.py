@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,14 @@ def evaluator(model: nn.Module, inputs: list[list[int]], targets: list[int], max
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, OSError, FloatingPointError) as e:  # DataError is a ValueError: one line, as train mf
+        print(f"fastrecloss train {args.model}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)

@@ -12,12 +12,14 @@ Ties are broken deterministically by item index: the ranked list is the stable d
 of the scores, i.e. ``rank(t) = #{j : s_j > s_t} + #{j < t : s_j = s_t}`` (among equal scores the
 lower column comes first). History items get −inf, so they rank after every finite score; a
 target that is also in the history is therefore ranked last (among the −inf items by index).
-Users without targets are skipped; the reported values are means over the remaining users.
+Users without targets are skipped; the reported values are means over the remaining users. ``T`` is a
+set: an item listed twice among a user's targets counts once.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,31 +28,40 @@ from torch import Tensor
 METRICS = ("recall", "ndcg", "hit", "mrr")
 
 
-def check_ks(ks: Sequence[int], num_items: int) -> tuple[int, ...]:
-    """Validate cut-offs: positive ints no larger than the catalogue."""
-    if isinstance(ks, int):
+def check_ks(ks: Sequence[int], num_items: int | None) -> tuple[int, ...]:
+    """Validate cut-offs: positive ints no larger than the catalogue (``num_items`` None: not checked)."""
+    if isinstance(ks, numbers.Integral):
         ks = (ks,)
     out = tuple(ks)
     if not out:
         raise ValueError("ks must name at least one cut-off K")
     for k in out:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"K must be a positive int, got {k!r}")
-        if k > num_items:
+        if num_items is not None and k > num_items:
             raise ValueError(f"K = {k} is larger than the catalogue ({num_items} items)")
-    return out
+    return tuple(int(k) for k in out)  # numpy integers too: the metric names read 'recall@20
 
 
 def _pad_targets(targets: Sequence[Sequence[int]] | Tensor, device: torch.device) -> Tensor:
-    """[U, m] int64, padded with -1."""
+    """[U, m] int64, padded with -1, every user's targets distinct (a repeated one becomes padding)."""
     if isinstance(targets, Tensor):
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TypeError(f"targets must be an integer tensor [U] or [U, m] (padded with -1), got {targets.dtype}")
+        if targets.dim() not in (1, 2):
+            raise ValueError(f"targets must be an integer tensor [U] or [U, m] (padded with -1), got shape "
+                             f"{tuple(targets.shape)}")
         t = targets.to(device=device, dtype=torch.int64)
-        return t.unsqueeze(1) if t.dim() == 1 else t
-    m = max((len(t) for t in targets), default=0)
-    out = torch.full((len(targets), max(m, 1)), -1, dtype=torch.int64)
-    for u, t in enumerate(targets):
-        if len(t):
-            out[u, : len(t)] = torch.as_tensor(list(t), dtype=torch.int64)
+        t = t.unsqueeze(1) if t.dim() == 1 else t.sort(dim=1).values
+        if t.shape[1] > 1:  # sorted: a repeat sits right after its first copy
+            t[:, 1:] = torch.where(t[:, 1:] == t[:, :-1], -1, t[:, 1:])
+        return t
+    lists = [list(dict.fromkeys(t)) for t in targets]
+    m = max((len(t) for t in lists), default=0)
+    out = torch.full((len(lists), max(m, 1)), -1, dtype=torch.int64)
+    for u, t in enumerate(lists):
+        if t:
+            out[u, : len(t)] = torch.as_tensor(t, dtype=torch.int64)
     return out.to(device)
 
 
@@ -95,6 +106,12 @@ def metrics_from_ranks(ranks: Tensor, valid: Tensor, ks: Sequence[int]) -> dict[
     Returns ``{'recall@K', 'ndcg@K', 'hit@K', 'mrr@K'}`` → float64 tensors [U] (NaN for a user with no
     target); K is not checked against the catalogue here (see :func:`check_ks`).
     """
+    ks = check_ks(ks, None)
+    if not (isinstance(ranks, Tensor) and isinstance(valid, Tensor) and ranks.dim() == 2
+            and ranks.shape == valid.shape and valid.dtype == torch.bool):
+        raise ValueError(f"ranks [U, m] and valid [U, m] (bool) must have one shape, got "
+                         f"{getattr(ranks, 'shape', type(ranks).__name__)} and "
+                         f"{getattr(valid, 'shape', type(valid).__name__)}")
     U = ranks.shape[0]
     dev = ranks.device
     ranks = torch.where(valid, ranks, torch.iinfo(torch.int64).max)
@@ -116,11 +133,21 @@ def metrics_from_ranks(ranks: Tensor, valid: Tensor, ks: Sequence[int]) -> dict[
     return out
 
 
+def _check_columns(name: str, lists: Sequence[Sequence[int]], num_items: int) -> None:
+    """Every entry of ``lists`` is an item column in [0, num_items) (−1 would silently mean the last one)."""
+    bad = [c for h in lists for c in h if not 0 <= c < num_items]
+    if bad:
+        raise ValueError(f"{name} must hold item columns in [0, {num_items}), got {bad[0]!r}")
+
+
 def mask_history(scores: Tensor, history: Sequence[Sequence[int]]) -> Tensor:
-    """A copy of ``scores`` [c, I] with each row's history columns set to −inf."""
+    """A copy of ``scores`` [c, I] with each row's history columns (``history``: c lists) set to −inf."""
+    if len(history) != scores.shape[0]:
+        raise ValueError(f"history must have one list per row of scores ({scores.shape[0]}), got {len(history)}")
+    _check_columns("history", history, scores.shape[1])
     rows = [r for r, h in enumerate(history) for _ in range(len(h))]
     if not rows:
-        return scores
+        return scores.clone()
     cols = [c for h in history for c in h]
     idx_r = torch.as_tensor(rows, dtype=torch.int64, device=scores.device)
     idx_c = torch.as_tensor(cols, dtype=torch.int64, device=scores.device)
@@ -144,6 +171,7 @@ def full_ranking(score_fn: Callable[[Tensor], Tensor], users: Sequence[int] | Te
         raise ValueError(f"history must have one list per user ({users_t.shape[0]}), got {len(history)}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    ks = check_ks(ks, None)  # against the catalogue with the first chunk's scores
     keep = [n for n in range(users_t.shape[0]) if len(targets[n]) > 0]
     sums: dict[str, float] = {}
     checked = False
@@ -160,7 +188,7 @@ def full_ranking(score_fn: Callable[[Tensor], Tensor], users: Sequence[int] | Te
         for name, values in rank_metrics(scores, [targets[n] for n in part], ks).items():
             sums[name] = sums.get(name, 0.0) + float(values.sum())
     if not keep:
-        return {f"{m}@{k}": math.nan for k in (ks if not isinstance(ks, int) else (ks,)) for m in METRICS}
+        return {f"{m}@{k}": math.nan for k in ks for m in METRICS}
     return {name: total / len(keep) for name, total in sums.items()}
 
 
@@ -186,8 +214,14 @@ def streaming_full_ranking(query_fn: Callable[[Tensor], Tensor], table: Tensor, 
         raise ValueError(f"targets and history must have one list per user ({n_users})")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(table, Tensor) or table.dim() != 2:
+        raise ValueError(f"table must be a tensor [num_items, d], got {getattr(table, 'shape', type(table).__name__)}")
     num_items = table.shape[0]
     ks = check_ks(ks, num_items)
+    _check_columns("targets", targets, num_items)
+    if history is not None:
+        _check_columns("history", history, num_items)
+    targets = [list(dict.fromkeys(t)) for t in targets]  # a set per user, as full_ranking's
     keep = [n for n in range(n_users) if len(targets[n]) > 0]
     if not keep:
         return {f"{m}@{k}": math.nan for k in ks for m in METRICS}
