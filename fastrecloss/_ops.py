@@ -194,14 +194,25 @@ def _scalar_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream gradient: no zero tensors
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph / create_graph); True outside one."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keeps is None else bool(keeps())
+
+
 def _scalar_backward(ctx, grad_total, *_unused):
     gq, gp, gn = ctx.saved_tensors
     dq, dn, dp = ctx.dtypes
+    # The saved gradients belong to this node alone. When the graph is freed after this backward,
+    # they are scaled in place: an item-table or per-row gradient is held once, not twice.
+    in_place = getattr(ctx, "eager", False) and not _graph_kept()
 
     def scaled(g: Tensor, dtype: torch.dtype | None) -> Tensor | None:
         # fp32 × upstream first, then the input's dtype: a loss scale lifts small gradients above
         # the 16-bit underflow before the cast.
-        return (g * grad_total).to(dtype) if (g.numel() and grad_total is not None) else None
+        if not (g.numel() and grad_total is not None):
+            return None
+        return (g.mul_(grad_total) if in_place else g * grad_total).to(dtype)
 
     grads: list[Tensor | None] = [None] * 18
     with torch.no_grad():
@@ -328,14 +339,14 @@ def apply(p: Problem, spec: LossSpec, backend: str, deterministic: bool, weight:
     scalar_op = loss_scalar if compiling else _EagerScalar.apply
     grad_on = torch.is_grad_enabled()
     acc = acc_dtype(p.query.dtype)
-    # The per-row op recomputes the scores in its backward. It serves reduction='none', a weight
-    # that needs a gradient (∂loss/∂w_r = L_r), and the layouts whose negatives' gradient is large:
-    # per-row (as large as the input) and indexed (the whole item table). There, recomputing the
-    # scores costs less than keeping that gradient from the forward and scaling a copy of it by the
-    # upstream gradient (which would hold the table gradient twice). Otherwise the fused scalar op
-    # computes the gradients in the forward and treats the row scale as a constant.
-    recompute = p.layout != "shared" or (weight is not None and weight.requires_grad and grad_on)
-    if reduction == "none" or recompute:
+    # The per-row op recomputes the scores in its backward. It serves reduction='none' and a weight
+    # that needs a gradient (∂loss/∂w_r = L_r). The triton backend's per-row and indexed forwards
+    # save the row stats for a one-pass backward instead. Otherwise the fused scalar op computes the
+    # gradients in the forward (one gather of the negatives, not two) and treats the row scale as a
+    # constant; its backward scales them in place, so even the large ones (per-row: as large as the
+    # input; indexed: the whole item table) are held once.
+    recompute = weight is not None and weight.requires_grad and grad_on
+    if reduction == "none" or recompute or _saves_state(backend, p.layout):
         if _saves_state(backend, p.layout):  # forward saves the row stats: a one-pass backward
             rows = (loss_rows_state if compiling else _EagerState.apply)(*args, *static)[0]
         else:

@@ -15,7 +15,7 @@ import fastrecloss._problem as problem
 from fastrecloss import functional as F
 
 FUSED = [b for b in BACKENDS_UNDER_TEST if b != "reference"]
-# (layout, loss, reduction): the fused scalar op (shared, mean) and the recomputing per-row op.
+# (layout, loss, reduction): the fused scalar op (mean / sum) and the recomputing per-row op (none).
 PATHS = [("shared", "infonce", "mean"), ("shared", "bce", "none"), ("indexed", "mine", "mean"),
          ("per_row", "bpr", "sum")]
 
@@ -43,6 +43,23 @@ def test_double_backward_raises_clearly(backend: str, layout: str, loss: str, re
     penalty = sum((g ** 2).sum() for g in first)
     with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True"):
         penalty.backward()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layout", ["shared", "per_row", "indexed"])
+def test_retained_graph_gives_the_same_gradients_twice(backend: str, layout: str) -> None:
+    """The fused op scales its saved gradients by the upstream gradient in place only when the graph
+    is freed: with retain_graph=True a second backward (upstream 2.5, not 1) gives the same
+    gradients, and the last one (graph freed, scaled in place) still equals the reference's."""
+    ref_total, ref_leaves = _call(layout, "infonce", "mean", torch.Generator().manual_seed(7), "reference")
+    want = torch.autograd.grad(2.5 * ref_total, ref_leaves)
+    total, leaves = _call(layout, "infonce", "mean", torch.Generator().manual_seed(7), backend)
+    twice = [torch.autograd.grad(2.5 * total, leaves, retain_graph=True) for _ in range(2)]
+    last = torch.autograd.grad(2.5 * total, leaves)
+    for first, second, freed, w in zip(*twice, last, want):
+        torch.testing.assert_close(first, w)
+        torch.testing.assert_close(second, w)
+        torch.testing.assert_close(freed, w)
 
 
 def test_reference_supports_double_backward(gen: torch.Generator) -> None:

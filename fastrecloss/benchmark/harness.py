@@ -164,13 +164,18 @@ def _step(fn: Callable, x: dict[str, Tensor], mode: str) -> None:
 
 
 def measure(case: Case, impl: str, *, mode: str = "fwdbwd", repeats: int = 5, warmup: int = 1,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", threads: int | None = None) -> dict:
     """Median wall time (ms) and peak extra memory (MiB) of ``impl`` on ``case`` in this process.
 
     ``warmup`` calls run first; the memory figure is the peak above the inputs during the next call.
     ``mode``: fwd (no grad), fwdbwd (forward + backward), bwd (backward only, the forward run
-    outside the timer).
+    outside the timer). ``threads``: torch's intra-op threads for the call (None: torch's default,
+    one per core). On a machine whose cores are busy, the OpenMP threads spin-wait at every parallel
+    region for a descheduled peer, which taxes many small ops (the chunked backend) far more than a
+    few large ones (the reference): pin the threads there (README, Performance).
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     x = make_inputs(case, device)
     fn = implementation(case, impl)
@@ -203,7 +208,7 @@ def measure(case: Case, impl: str, *, mode: str = "fwdbwd", repeats: int = 5, wa
         peak = _rss_peak_kib() * 1024 - base if base is not None else float("nan")
     times = [call() for _ in range(repeats)] if repeats else [first]
     return {"case": case.label, "impl": impl, "mode": mode, "time_ms": statistics.median(times),
-            "peak_extra_mib": peak / 2**20, "first_ms": first, "device": device}
+            "peak_extra_mib": peak / 2**20, "first_ms": first, "device": device, "threads": torch.get_num_threads()}
 
 
 def _clock(cuda: bool):

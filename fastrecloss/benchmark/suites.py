@@ -107,11 +107,14 @@ def scaling_cases(quick: bool) -> dict[str, list[Case]]:
     }
 
 
-def _run(case: Case, impl: str, mode: str, device: str, repeats: int, budget: float) -> dict:
+def _run(case: Case, impl: str, mode: str, args: argparse.Namespace, budget: float = float("inf"),
+         repeats: int | None = None) -> dict:
+    """One isolated measurement with the command line's device, repeats (unless given) and threads."""
     if impl in ("reference", "compiled_reference", "handwritten") and naive_bytes(case) > budget:
         return {"case": case.label, "impl": impl, "mode": mode,
                 "error": f"skipped: the naive path needs about {naive_bytes(case) / GIB:.1f} GiB"}
-    res = measure_isolated(case, impl, mode=mode, repeats=repeats, device=device)
+    res = measure_isolated(case, impl, mode=mode, repeats=args.repeats if repeats is None else repeats,
+                           device=args.device, threads=getattr(args, "threads", None))
     res.update(loss=case.loss, layout=case.layout, rows=case.rows, n=case.n, dim=case.dim, items=case.items,
                dtype=case.dtype, mode=mode)
     status = f"{res['time_ms']:9.1f} ms {res['peak_extra_mib']:9.1f} MiB" if "error" not in res else res["error"]
@@ -132,7 +135,7 @@ def run_acceptance(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     all_ok = True
     for t in ACCEPTANCE:
         impls = ["reference", "torch"] + ([t.beat_peer] if t.beat_peer else [])
-        res = {i: _run(t.case, i, "fwdbwd", args.device, args.repeats, float("inf")) for i in impls}
+        res = {i: _run(t.case, i, "fwdbwd", args) for i in impls}
         results += res.values()
         ref = res["reference"]
         for impl, r in res.items():
@@ -163,7 +166,7 @@ def _compare(args: argparse.Namespace, cases: list[tuple[Case, tuple[str, ...]]]
     for case, modes in cases:
         for mode in modes:
             impls = ours(args.device) + peers(case)
-            res = {i: _run(case, i, mode, args.device, args.repeats, budget) for i in impls}
+            res = {i: _run(case, i, mode, args, budget) for i in impls}
             results += res.values()
             ok_peers = [res[p] for p in peers(case) if "error" not in res[p]]
             best_t = min(ok_peers, key=lambda r: r["time_ms"]) if ok_peers else None
@@ -201,7 +204,7 @@ def run_scaling(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     for sweep, cases in scaling_cases(args.quick).items():
         for case in cases:
             for impl in ours(args.device) + peers(case):
-                results.append({**_run(case, impl, "fwdbwd", args.device, args.repeats, budget), "sweep": sweep})
+                results.append({**_run(case, impl, "fwdbwd", args, budget), "sweep": sweep})
     lines.append("Plots: " + ", ".join(f"`scaling_{s}.png`" for s in scaling_cases(args.quick)))
     return results, lines
 
@@ -234,7 +237,7 @@ def run_limits(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
                           f"{args.limit_gib:g} GiB | how | measured total at that N (GiB) |", "|---|---|---:|---|---:|"]
     for name, (base, (n1, n2)) in LIMIT_SWEEPS.items():
         for impl in ours(args.device) + [p for p in peers(base) if p != "compiled_reference"]:
-            pts = [_run(replace(base, n=n), impl, "fwdbwd", args.device, 1, float("inf")) for n in (n1, n2)]
+            pts = [_run(replace(base, n=n), impl, "fwdbwd", args, repeats=1) for n in (n1, n2)]
             results += pts
             if any("error" in p for p in pts):
                 lines.append(f"| {name} | {impl} | — | {pts[0].get('error') or pts[1].get('error')} | |")
@@ -245,7 +248,7 @@ def run_limits(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
             t_pred = pts[1]["time_ms"] / 1e3 * n_max / n2
             how, measured = f"fit through N={n1:,}, {n2:,}", ""
             if n_max > 0 and t_pred < args.limit_check_s:
-                check = _run(replace(base, n=n_max), impl, "fwdbwd", args.device, 1, float("inf"))
+                check = _run(replace(base, n=n_max), impl, "fwdbwd", args, repeats=1)
                 results.append(check)
                 if "error" not in check:
                     tot = input_bytes(replace(base, n=n_max)) + check["peak_extra_mib"] * 2**20

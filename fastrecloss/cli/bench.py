@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gpu suite: folder of peer wheels to install offline when missing (default wheels/)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case (median reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads in every measuring process, for ours and the peers alike "
+                             "(default 1: on busy cores more threads spin-wait and tax the chunked backend; "
+                             "0 = torch's default, one per core)")
     parser.add_argument("--quick", action="store_true", help="4x smaller sizes (full), N up to 10^5 (scaling)")
     parser.add_argument("--naive-budget-gib", type=float, default=12.0,
                         help="skip naive peers whose score/gather tensors would exceed this")
@@ -66,12 +70,15 @@ def run(args: argparse.Namespace) -> int:
         args.out = Path("bench/results")
     args.out.mkdir(parents=True, exist_ok=True)
     suites = GROUPS.get(args.suite, [args.suite])
+    threads = args.threads
+    args.threads = threads or None  # 0: torch's default in the measuring processes
     start = time.perf_counter()
     report = [f"# fastrecloss benchmark ({', '.join(suites)})", "",
-              f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}, device {args.device}. Command: `fastrecloss bench --suite {args.suite}"
-              f"{' --quick' if args.quick else ''} --repeats {args.repeats}`. Median of {args.repeats} calls after "
-              "a warm-up; peak extra memory above the inputs, each case in a fresh process.", ""]
+              f"Machine: {platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} "
+              f"threads, torch {torch.__version__}, device {args.device}. Command: `fastrecloss bench --suite "
+              f"{args.suite}{' --quick' if args.quick else ''} --repeats {args.repeats} --threads {threads}`. "
+              f"Median of {args.repeats} calls after a warm-up; peak extra memory above the inputs, each case in a "
+              "fresh process.", ""]
     results: list[dict] = []
     for name in suites:
         print(f"== {name}", flush=True)

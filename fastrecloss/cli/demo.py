@@ -21,6 +21,9 @@ LAYOUTS = ("shared", "per_row", "indexed")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller cost cases and no MF training (for tests)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of the cost table's processes, both implementations "
+                             "(default 1; 0 = torch's default, one per core)")
 
 
 def _agreement_inputs(layout: str, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -62,7 +65,11 @@ def agreement_table(backends: list[str]) -> str:
     return "\n".join(rows)
 
 
-def cost_table(quick: bool) -> str:
+def cost_table(quick: bool, threads: int = 1) -> str:
+    """The torch backend against the eager reference, ``threads`` intra-op threads each (0: torch's
+    default). One thread by default: with busy cores, OpenMP threads spin-wait at each parallel
+    region, which slowed the backend's many per-chunk ops about 5x and the reference's few large ones
+    about 1.2x on the indexed case (README, Performance)."""
     from ..benchmark.harness import Case, measure_isolated
 
     scale = 4 if quick else 2
@@ -74,7 +81,8 @@ def cost_table(quick: bool) -> str:
     lines = ["| case | reference ms | torch ms | time ratio | reference MiB | torch MiB | memory ratio |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for case in cases:
-        ref, ours = (measure_isolated(case, impl, repeats=2) for impl in ("reference", "torch"))
+        ref, ours = (measure_isolated(case, impl, repeats=2, threads=threads or None)
+                     for impl in ("reference", "torch"))
         if "error" in ref or "error" in ours:
             lines.append(f"| {case.label} | {ref.get('error', '')} | {ours.get('error', '')} | | | | |")
             continue
@@ -85,7 +93,7 @@ def cost_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
-def run_demo(quick: bool = False) -> int:
+def run_demo(quick: bool = False, threads: int = 1) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels on CPU tensors, for correctness only
     from ..functional import triton_available
@@ -96,8 +104,9 @@ def run_demo(quick: bool = False) -> int:
     print(f"fastrecloss demo — torch {torch.__version__}, backends: {', '.join(backends)}{interp}\n")
     print("## 1. Agreement with the float64 reference (fp32 inputs, loss and every gradient)\n")
     print(agreement_table(backends))
-    print("\n## 2. Forward+backward cost: chunked torch backend vs eager reference (fresh process per case)\n")
-    print(cost_table(quick))
+    print("\n## 2. Forward+backward cost: chunked torch backend vs eager reference (fresh process per case, "
+          f"intra-op threads: {threads or torch.get_num_threads()})\n")
+    print(cost_table(quick, threads))
     if not quick:
         try:
             from .mf_train import demo_comparison
@@ -111,4 +120,4 @@ def run_demo(quick: bool = False) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_demo(quick=args.quick)
+    return run_demo(quick=args.quick, threads=args.threads)
