@@ -169,6 +169,8 @@ def _cli(argv: list[str]) -> int:
     (["--ks", "20", "500"], "K = 500 is larger than the catalogue"),
     (["--loss", "bpr", "--lam", "1.2"], "lam does not apply to bpr"),
     (["--resume"], "--resume needs --out"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
 ])
 def test_cli_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(["--epochs", "1", "--no-progress", *argv]) == 2

@@ -153,6 +153,8 @@ def train_mf(cfg: MFConfig, split: Split | None = None, log: Any = None) -> dict
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0, got {cfg.temperature}")
     if cfg.metric.split("@")[0] not in ("recall", "ndcg", "hit", "mrr") or "@" not in cfg.metric:
         raise ValueError(f"--metric must look like ndcg@20 (recall|ndcg|hit|mrr @ K), got {cfg.metric!r}")
     ks = tuple(sorted({*cfg.ks, int(cfg.metric.split("@")[1])}))
