@@ -12,8 +12,9 @@
         the doc's tables differ from the script's output
 
 Run names: ``{cvae|sasrec}-{office|beauty|toys|tools}-{bce|sce}[-VARIANT]-s{seed}``; runs without
-a variant are the main table of their data set, variants (a validation grid, --padding published)
-are listed with the settings in which they differ from the main run of the same seed.
+a variant are the main table of their data set, and so is a variant with more than one seed (its own
+row); variants (a validation grid, --padding published) are listed with the settings in which they
+differ from the main run of the same seed.
 """
 
 from __future__ import annotations
@@ -134,9 +135,23 @@ def _cpu_minutes(recs: list[dict]) -> str:
     return f"{statistics.mean(r['cpu_seconds'] for r in recs) / 60:.1f}"
 
 
+def _group_row(label: str, loss: str, group: list[dict], paper: tuple[float, ...]) -> str:
+    """One row of a main table: a setting over its seeds (mean ± std), against the paper."""
+    group = sorted(group, key=lambda r: _parts(r)[4])
+    seeds = ", ".join(str(_parts(r)[4]) for r in group)
+    status = ", ".join(_status(r) for r in group)  # per seed, in the order of the seeds column
+    epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in group)
+    tests = [r["test"] for r in group]
+    cells = [_mean_std([r["valid"]["ndcg@20"] for r in group])]
+    cells += [_mean_std([t[k] for t in tests]) for k in METRICS]
+    return (f"| {label} | {loss} | {seeds} | {status} | {epochs} | " + " | ".join(cells)
+            + f" | {_ratios(tests, paper)} | {_minutes(group)} | {_cpu_minutes(group)} |")
+
+
 def dataset_table(recs: list[dict], data: str) -> str:
-    """Main table of one data set: the paper's rows, then each (model, loss) over its seeds."""
-    main = [r for r in recs if _parts(r)[1] == data and not _parts(r)[3]]
+    """Main table of one data set: the paper's rows, then each (model, loss) over its seeds, and each
+    variant of it that ran with more than one seed (a setting the grid's validation singled out)."""
+    own = [r for r in recs if _parts(r)[1] == data]
     head = ("| model | loss | seeds | status | epochs (best) | val N@20 | test R@20 | test R@40 | test N@20 "
             "| test N@40 | ratio to paper R@20 / R@40 / N@20 / N@40 | wall min / run | train CPU min / run |\n"
             "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
@@ -148,19 +163,19 @@ def dataset_table(recs: list[dict], data: str) -> str:
         lines.append(f"| {label}, paper{f' ({column})' if column else ''} | {loss} | | | | | "
                      + " | ".join(f"{p:.4f}" for p in paper) + " | | | |")
         for recon in ("bce", "sce"):
-            group = sorted((r for r in main if _parts(r)[0] == model and _parts(r)[2] == recon),
-                           key=lambda r: _parts(r)[4])
-            if not group:
+            runs = [r for r in own if _parts(r)[0] == model and _parts(r)[2] == recon]
+            by_variant: dict[str, list[dict]] = {}
+            for r in runs:
+                by_variant.setdefault(_parts(r)[3], []).append(r)
+            main = by_variant.pop("", [])
+            if not main:
                 lines.append(f"| {label}, here | {RECON[recon]} | | not run | | | | | | | | | |")
-                continue
-            seeds = ", ".join(str(_parts(r)[4]) for r in group)
-            status = ", ".join(_status(r) for r in group)  # per seed, in the order of the seeds column
-            epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in group)
-            tests = [r["test"] for r in group]
-            cells = [_mean_std([r["valid"]["ndcg@20"] for r in group])]
-            cells += [_mean_std([t[k] for t in tests]) for k in METRICS]
-            lines.append(f"| {label}, here | {RECON[recon]} | {seeds} | {status} | {epochs} | " + " | ".join(cells)
-                         + f" | {_ratios(tests, paper)} | {_minutes(group)} | {_cpu_minutes(group)} |")
+            else:
+                lines.append(_group_row(f"{label}, here", RECON[recon], main, paper))
+            for _, group in sorted(by_variant.items()):
+                if len(group) > 1:
+                    lines.append(_group_row(f"{label}, here", f"{RECON[recon]}; {_differences(group[0], recs)}",
+                                            group, paper))
     return "\n".join(lines)
 
 

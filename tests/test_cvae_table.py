@@ -59,13 +59,19 @@ def test_tables_mean_std_ratios_and_variants(tmp_path: Path) -> None:
     assert f"0.1500 ± {sd:.4f}" in row and "42, 43, 44" in row and "early-stopped" in row
     assert f"| {0.15 / 0.1478:.2f} / {0.30 / 0.2251:.2f} / {0.075 / 0.0657:.2f} / " in row
     assert row.endswith("| 1.5 | 0.1 |")  # 90 s wall and 4.5 s of training CPU per run
-    assert "0.2000" not in table  # a variant is not in the main table
+    assert "0.2000" not in table  # a variant with one seed is not in the main table
     assert "| ContrastVAE, here | full softmax | | not run | | | | | | | | | |" in table
     variants = cvae_table.variants_table(recs)
     assert "| sasrec-office-bce-l1-s42 | layers 1 |" in variants and "(main run)" in variants
     assert "s43" not in variants  # only the seeds that have a variant
     runs = cvae_table.runs_table(recs)
     assert "| sasrec-office-bce-s43 | early-stopped | 3 (3) | 1.5 | 2.0 | 1.5 |" in runs
+    # a variant with a second seed gets its own main-table row, over its seeds, labelled by its differences
+    recs.append(cvae_table.collect(_run(tmp_path, "sasrec-office-bce-l1-s43", 0.22, seed=43, layers=1)))
+    table = cvae_table.dataset_table(recs, "office")
+    row = next(line for line in table.splitlines() if "layers 1" in line)
+    assert row.startswith("| SASRec, here | BCE, 1 negative (published); layers 1 | 42, 43 |")
+    assert f"0.2100 ± {statistics.stdev([0.2, 0.22]):.4f}" in row
 
 
 def test_committed_doc_tables_equal_the_script_output() -> None:
