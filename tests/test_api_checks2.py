@@ -234,3 +234,17 @@ def test_cli_bad_input_is_one_error_line(argv, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastrecloss ") and ": error: " in err[0], err
+
+
+@pytest.mark.parametrize("argv, prog, unknown", [
+    (["train", "mf", "--bogus"], "fastrecloss train mf", "--bogus"),
+    (["train", "sasrec", "--epochs", "1", "--bogus", "x"], "fastrecloss train sasrec", "--bogus x"),
+    (["bench", "--bogus"], "fastrecloss bench", "--bogus"),
+])
+def test_cli_unknown_flag_is_reported_by_its_subcommand(argv, prog, unknown, capsys):
+    """Before: the top-level usage line and 'fastrecloss: error:', which hides the subcommand's flags."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {prog} ") and f"{prog}: error: unrecognized arguments: {unknown}\n" in err, err

@@ -19,6 +19,14 @@ COMMANDS = {
 }
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)parser that ``args`` went through, e.g. ``fastrecloss train mf``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrecloss", description="Fused recommendation losses for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd = sub.add_parser(name, help=help_text)
         if name == chosen:  # import only the module that runs
             importlib.import_module(module).add_arguments(cmd)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand that was given them, with its usage line
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 
