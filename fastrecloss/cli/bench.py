@@ -55,8 +55,9 @@ def _check(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     error = _check(args)
     if error is None and args.suite != "gpu":
+        args.out = args.out or Path("bench/results")
         try:
-            (args.out or Path("bench/results")).mkdir(parents=True, exist_ok=True)
+            args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             error = f"--out {args.out}: {e.strerror or e}"
     if error is not None:
@@ -66,9 +67,6 @@ def run(args: argparse.Namespace) -> int:
         from ..benchmark import gpu
 
         return gpu.run(args)
-    if args.out is None:
-        args.out = Path("bench/results")
-    args.out.mkdir(parents=True, exist_ok=True)
     suites = GROUPS.get(args.suite, [args.suite])
     threads = args.threads
     args.threads = threads or None  # 0: torch's default in the measuring processes
