@@ -62,10 +62,15 @@ def item_tiles(p: Problem, rows: int) -> list[tuple[int, int]]:
     return [(j0, min(p.N, j0 + cols)) for j0 in range(0, max(p.N, 1), cols)]
 
 
+def _softplus(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """log(1 + e^x) as logaddexp(x, 0), exact: F.softplus returns x itself above x = 20 (an error up to
+    e^-20 ≈ 2e-9)."""
+    return torch.logaddexp(x, x.new_zeros(()), out=out)
+
+
 def _softplus_sum(s: Tensor, aux: Tensor | None) -> Tensor:
     """Σ_j softplus(s_j) per row, using ``aux`` (same shape as ``s``) as scratch when given."""
-    # logaddexp(s, 0), exact: F.softplus returns s itself above s = 20 (an error up to e^-20 ≈ 2e-9)
-    return torch.logaddexp(s, s.new_zeros(()), out=aux).sum(dim=1)
+    return _softplus(s, aux).sum(dim=1)
 
 
 def tile_pass(spec: LossSpec, s: Tensor, s_pos: Tensor | None, aux: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -140,8 +145,7 @@ def finish_rows(spec: LossSpec, stats: list[tuple[Tensor, Tensor | None]], s_pos
     if spec.kind == Kind.BPR:
         return neg_loss, -sum(g for _, g in stats) / denom, factor, None
     if spec.kind == Kind.BCE:
-        pos_loss = torch.logaddexp(-s_pos, s_pos.new_zeros(()))  # softplus(−s+), exact (see _softplus_sum)
-        return spec.beta * pos_loss + neg_loss, -spec.beta * torch.sigmoid(-s_pos), factor, None
+        return spec.beta * _softplus(-s_pos) + neg_loss, -spec.beta * torch.sigmoid(-s_pos), factor, None
     if spec.kind == Kind.CCL:
         loss = F.relu(1 - s_pos) + spec.neg_weight * neg_loss
         return loss, -(s_pos < 1).to(n.dtype), spec.neg_weight * factor, None
