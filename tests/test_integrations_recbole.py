@@ -125,7 +125,8 @@ def test_sampled_softmax_draws_the_pool_and_corrects_with_log_q(data_root: Path,
     batch = first_batch(train)
     counts = fr.count_items(train.dataset)
     assert counts.shape == (model.n_items,) and counts[0] == 0 and counts.sum() == len(train.dataset.inter_feat)
-    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=train.dataset,
+    given = train.dataset if negatives == "popularity" else None  # uniform draws take no counts
+    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=given,
                        generator=torch.Generator().manual_seed(5))
     ours = model.calculate_loss(batch)
     # the same draw again, by hand
@@ -138,7 +139,7 @@ def test_sampled_softmax_draws_the_pool_and_corrects_with_log_q(data_root: Path,
     log_q = (16 * p).log().float()
     assert_same(ours, _sampled_reference(model, batch, ids, log_q), params(model))
     # without the correction it is a different loss, and equal to the uncorrected reference
-    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=train.dataset,
+    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=given,
                        generator=torch.Generator().manual_seed(5), logq_correction=False)
     plain = model.calculate_loss(batch)
     assert_same(plain, _sampled_reference(model, batch, ids, None), params(model))
@@ -199,3 +200,75 @@ def test_restore_and_errors(data_root: Path) -> None:
         model.calculate_loss(first_batch(train))
     with pytest.raises(ValueError, match="does not know how Linear"):
         fr.use_fastrecloss(torch.nn.Linear(2, 2))
+
+
+def test_item_counts_the_ways_recbole_gives_them_and_alpha(data_root: Path) -> None:
+    """A Dataset, its item_counter (a Counter), a numpy array and a tensor are the same counts (they used to fail
+    with AttributeError unless a Dataset or a tensor); ``alpha`` is train_neg_sample_args' alpha, q ∝ count^alpha."""
+    _, model, train, _ = build(data_root, "SASRec")
+    counts = fr.count_items(train.dataset)
+    probs = {}
+    for name, given in (("dataset", train.dataset), ("item_counter", train.dataset.item_counter),
+                        ("numpy", counts.numpy()), ("tensor", counts)):
+        fr.use_fastrecloss(model, loss="infonce", negatives="popularity", num_negatives=4, item_counts=given)
+        probs[name] = model.calculate_loss.sampler.probs
+    assert all(torch.equal(p, probs["tensor"]) for p in probs.values())
+    fr.use_fastrecloss(model, loss="infonce", negatives="popularity", num_negatives=4, item_counts=train.dataset,
+                       alpha=0.75)
+    want = counts.double().pow(0.75)
+    want[0] = 0.0
+    torch.testing.assert_close(model.calculate_loss.sampler.probs, want / want.sum())
+    with pytest.raises(ValueError, match=r"item_counts must have one entry per item id, shape \[n_items\]"):
+        fr.use_fastrecloss(model, loss="infonce", negatives="popularity", item_counts=counts[:-1])
+    with pytest.raises(ValueError, match="outside the model's"):
+        fr.use_fastrecloss(model, loss="infonce", negatives="popularity", item_counts={N_ITEMS + 5: 3})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(loss="infonce", negatives="uniform", item_counts="dataset"), "negatives='uniform' draws ids 1..n_items-1"),
+    (dict(loss="bpr", negatives="interaction", item_counts="dataset"), "negatives='interaction' takes the dataloader"),
+    (dict(loss="softmax_ce", item_counts="dataset"), "negatives=None scores the whole catalogue"),
+    (dict(loss="infonce", negatives="uniform", alpha=0.5), "alpha .* is for negatives='popularity'"),
+    (dict(loss="infonce", negatives="interaction", logq_correction=True), "logq_correction=True needs negatives"),
+    (dict(loss="infonce", negatives="in_batch", logq_correction=True), "in_batch' needs item_counts"),
+], ids=["uniform-counts", "interaction-counts", "softmax-counts", "uniform-alpha", "interaction-logq",
+        "in-batch-logq"])
+def test_options_that_would_be_ignored_are_errors(data_root: Path, kwargs: dict[str, Any], match: str) -> None:
+    """item_counts / alpha / logq_correction=True where the chosen negatives do not use them used to be ignored
+    silently (uniform with counts drew every id alike; the dataloader's negatives got no logQ)."""
+    _, model, train, _ = build(data_root, "SASRec")
+    if kwargs.get("item_counts") == "dataset":
+        kwargs = dict(kwargs, item_counts=train.dataset)
+    with pytest.raises(ValueError, match=match):
+        fr.use_fastrecloss(model, **kwargs)
+
+
+@pytest.mark.parametrize("negatives", ["popularity", "in_batch"])
+def test_bert4rec_padded_mask_slots_with_log_q(data_root: Path, negatives: str) -> None:
+    """BERT4Rec's unused mask slots (target = the padding id 0, weight 0) have logQ −inf: the sampled loss was NaN
+    (+inf positive score in an ignored row) and the in-batch logQ raised on item 0's zero count."""
+    _, model, train, _ = build(data_root, "BERT4Rec", mask_ratio=0.3)
+    model.eval()
+    batch = first_batch(train)
+    r = fr.SEQUENTIAL["BERT4Rec"](model, batch)
+    real = r.weight > 0
+    assert (~real).any() and real.any()
+    counts = fr.count_items(train.dataset).double()
+    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=8, item_counts=train.dataset,
+                       generator=torch.Generator().manual_seed(5))
+    ours = model.calculate_loss(batch)
+    q, target = r.query[real], r.target[real]
+    if negatives == "popularity":
+        p = counts / counts.sum()
+        ids = torch.multinomial(p, 8, replacement=True, generator=torch.Generator().manual_seed(5))
+        log_q = (8 * p).log()
+        pos = (q * r.table[target]).sum(-1, keepdim=True) - log_q[target][:, None]
+        neg = (q @ r.table[ids].T - log_q[ids]).masked_fill(target[:, None] == ids, -torch.inf)
+        logits, label = torch.cat([pos, neg], 1), torch.zeros_like(target)
+    else:  # in-batch over the real rows: logQ = log(R_real · p_j), the own column is the positive
+        log_q = (counts[target] / counts.sum() * len(target)).log()
+        hits = (target[:, None] == target[None, :]) & ~torch.eye(len(target), dtype=torch.bool)
+        logits, label = (q @ r.table[target].T - log_q).masked_fill(hits, -torch.inf), torch.arange(len(target))
+    ref = torch.nn.functional.cross_entropy(logits.float(), label)
+    assert torch.isfinite(ours)
+    assert_same(ours, ref, params(model))
