@@ -192,3 +192,23 @@ def test_errors(gen: torch.Generator) -> None:
     with pytest.raises(NotImplementedError, match="multi-positive"):
         frl.CE()(torch.randn(B, L, D), None, batch(gen, 2)["positive_labels"], None, None,
                  batch(gen, 2)["target_padding_mask"])
+
+
+@pytest.mark.parametrize("loss", [frl.CESampled(), frl.BCESampled()], ids=["CESampled", "BCESampled"])
+def test_sampled_bad_labels_are_named_errors(gen: torch.Generator, loss: torch.nn.Module) -> None:
+    """A shared pool used to be gathered before any check: float ids, ids past the catalogue and a [B', L, N] pool
+    of another batch size were raw IndexError/RuntimeError (a device assert on CUDA). A padded target holding the
+    padding id NI (outside [0, NI)) stays fine: only real targets are checked."""
+    loss.logits_callback = sasrec(rl.CE()).get_logits
+    b = batch(gen)
+    pos, mask = b["positive_labels"], b["target_padding_mask"]
+    assert (pos[~mask] == NI).all() and (~mask).any()
+    hidden = torch.randn(B, L, D, generator=gen)
+    assert torch.isfinite(loss(hidden, None, pos, torch.tensor([1, 2, -100]), None, mask))
+    cases = [(pos, torch.tensor([1.0, 2.0]), TypeError, "negative_labels must be an integer tensor"),
+             (pos, torch.tensor([1, NI + 1, -100]), ValueError, rf"negative_labels has item ids \[{NI + 1}\] outside"),
+             (pos, torch.zeros(B + 1, L, 4, dtype=torch.long), ValueError, r"\[N\], \[B, N\] or \[B, L, N\]"),
+             (pos.masked_fill(mask, NI + 2), torch.tensor([1, 2]), ValueError, "positive_labels has item ids")]
+    for labels, neg, error, match in cases:
+        with pytest.raises(error, match=match):
+            loss(hidden, None, labels, neg, None, mask)

@@ -85,6 +85,20 @@ def _single_positive(positive_labels: Tensor, name: str) -> None:
                                   f"supported in the {name} loss), got {tuple(positive_labels.shape)}")
 
 
+def _outside(name: str, ids: Tensor, num_items: int, counts: Tensor) -> Tensor:
+    """Where ``ids`` (an int tensor) lies outside the catalogue [0, I) and ``counts``: a ValueError on CPU; on CUDA
+    (no host sync) the caller drops those entries, as the functional API does, so the table is never read there."""
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        got = f"{ids.dtype} tensor" if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an integer tensor of item ids, got a {got}")
+    bad = ((ids < 0) | (ids >= num_items)) & counts
+    if not ids.is_cuda and not torch.compiler.is_compiling() and bool(bad.any()):
+        raise ValueError(f"{name} has item ids {sorted(set(ids[bad].tolist()))[:5]} outside the catalogue [0, "
+                         f"{num_items}) of the item table (a real target, or a negative other than "
+                         "negative_labels_ignore_index)")
+    return bad
+
+
 class CE(_ReplayLoss):
     """Full-catalogue cross-entropy (``replay.nn.loss.CE``), never building the [B, L, I] logits.
 
@@ -137,12 +151,20 @@ class _Sampled(_ReplayLoss):
         if tuple(target_padding_mask.shape) != (B, L, P):
             raise ValueError(f"target_padding_mask must have positive_labels' shape {(B, L, P)}, "
                              f"got {tuple(target_padding_mask.shape)}")
+        if not isinstance(negative_labels, Tensor) or tuple(negative_labels.shape[:-1]) not in ((), (B,), (B, L)):
+            got = (tuple(negative_labels.shape) if isinstance(negative_labels, Tensor)
+                   else type(negative_labels).__name__)
+            raise ValueError(f"negative_labels must be [N], [B, N] or [B, L, N] with (B, L) = {(B, L)}, got {got}")
         d, N = model_embeddings.size(-1), negative_labels.size(-1)
         q = model_embeddings.unsqueeze(2).expand(B, L, P, d).reshape(-1, d)
-        keep = target_padding_mask.reshape(-1)
         ignore = self.negative_labels_ignore_index
-        pos = positive_labels.reshape(-1).masked_fill(~keep, ignore)  # a padded target is an ignored row
         table = self.item_table()
+        target_padding_mask = target_padding_mask & ~_outside("positive_labels", positive_labels, table.size(0),
+                                                              target_padding_mask)
+        negative_labels = negative_labels.masked_fill(
+            _outside("negative_labels", negative_labels, table.size(0), negative_labels != ignore), ignore)
+        keep = target_padding_mask.reshape(-1)
+        pos = positive_labels.reshape(-1).masked_fill(~keep, ignore)  # a padded target is an ignored row
         if negative_labels.dim() == 1:  # one pool for the whole batch: the shared layout
             ignored = negative_labels == ignore
             safe = negative_labels.masked_fill(ignored, 0)
