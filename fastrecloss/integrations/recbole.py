@@ -316,3 +316,39 @@ def restore_loss(model: nn.Module) -> nn.Module:
     if isinstance(model.__dict__.get("calculate_loss"), FastRecLoss):
         del model.calculate_loss
     return model
+
+
+def run_recbole(model: str, dataset: str, config_file_list: list[str] | None = None,
+                config_dict: dict[str, Any] | None = None, saved: bool = True, *, loss: str = "softmax_ce",
+                **use_kwargs: Any) -> dict[str, Any]:
+    """``recbole.quick_start.run_recbole`` with the model's loss replaced by :func:`use_fastrecloss` (which that
+    function cannot do: it builds the model itself, by name). Same arguments, same steps (seeding, logger,
+    dataset, split, model, ``Trainer.fit``, test) and the same result dict; ``loss`` and ``use_kwargs`` go to
+    :func:`use_fastrecloss`, with ``item_counts`` defaulting to the training split where the negatives use it.
+    The best checkpoint is reloaded by this function (``torch.load(weights_only=False)`` of the file the
+    trainer has just written), so RecBole's bare ``torch.load`` is not needed on torch ≥ 2.6."""
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_logger, init_seed
+
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    train, valid, test = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    net = get_model(config["model"])(config, train.dataset).to(config["device"])
+    negatives = use_kwargs.get("negatives")
+    wants_counts = negatives == "popularity" or (negatives == "in_batch" and use_kwargs.get("logq_correction") is not
+                                                 False and loss in CONTRASTIVE)
+    if wants_counts and use_kwargs.get("item_counts") is None:
+        use_kwargs["item_counts"] = train.dataset
+    use_fastrecloss(net, loss, **use_kwargs)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+    best_score, best_result = trainer.fit(train, valid, saved=saved, show_progress=config["show_progress"])
+    if saved:
+        state = torch.load(trainer.saved_model_file, map_location=config["device"], weights_only=False)
+        net.load_state_dict(state["state_dict"])
+        net.load_other_parameter(state.get("other_parameter"))
+    test_result = trainer.evaluate(test, load_best_model=False, show_progress=config["show_progress"])
+    return {"best_valid_score": best_score, "valid_score_bigger": config["valid_metric_bigger"],
+            "best_valid_result": best_result, "test_result": test_result}
