@@ -295,3 +295,27 @@ def test_run_recbole_with_our_loss_is_recboles_run_recbole(data_root: Path, monk
     sampled = fr.run_recbole("SASRec", "tiny", config_dict=cfg, loss="infonce", negatives="popularity",
                              num_negatives=8)  # item_counts: the training split's, by default
     assert sampled["test_result"] != ours["test_result"]
+
+
+def test_sample_num_groups_the_dataloaders_negatives(data_root: Path) -> None:
+    """train_neg_sample_args' sample_num K: RecBole repeats each row K times with one negative each. Grouped,
+    BPR is still RecBole's own loss (a mean is a mean) and InfoNCE is one (K+1)-way softmax per interaction."""
+    _, model, train, _ = build(data_root, "BPR", train_neg_sample_args={"distribution": "uniform", "sample_num": 3})
+    batch = first_batch(train)
+    fr.use_fastrecloss(model, loss="bpr", sample_num=3)
+    assert_same(model.calculate_loss(batch), own_loss(model, batch), params(model))
+    fr.use_fastrecloss(model, loss="infonce", sample_num=3)
+    b = len(batch[model.USER_ID]) // 3
+    user, pos = batch[model.USER_ID][:b], batch[model.ITEM_ID][:b]
+    neg = batch[model.NEG_ITEM_ID].view(3, b).T
+    assert (batch[model.USER_ID].view(3, b) == user).all() and not (neg == neg[:, :1]).all()
+    q, table = model.get_user_embedding(user), model.item_embedding.weight
+    logits = torch.cat([(q * table[pos]).sum(-1, keepdim=True), (q[:, None] * table[neg]).sum(-1)], 1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(neg == pos[:, None], -torch.inf)
+    ref = torch.nn.functional.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
+    assert_same(model.calculate_loss(batch), ref, params(model))
+    fr.use_fastrecloss(model, loss="infonce", sample_num=2)
+    with pytest.raises(ValueError, match="sample_num = 2"):
+        model.calculate_loss(batch)
+    with pytest.raises(ValueError, match="sample_num groups the dataloader's negatives"):
+        fr.use_fastrecloss(model, loss="infonce", negatives="uniform", sample_num=3)

@@ -182,6 +182,21 @@ def as_item_counts(item_counts: Any, n_items: int) -> Tensor:
     return counts
 
 
+def _grouped(r: Rows, k: int) -> Rows:
+    """RecBole's B·k rows (the batch repeated k times, one negative each: row b + i·B holds interaction b's
+    i-th negative) as B rows with k negatives each; the regulariser stays as the model computed it."""
+    n = r.query.shape[0]
+    if r.neg is None or n % k or r.neg.shape != (n, 1):
+        raise ValueError(f"sample_num = {k}: expected the dataloader's rows (a multiple of {k}, one negative each), "
+                         f"got {n} rows and negatives of shape {None if r.neg is None else tuple(r.neg.shape)}")
+    b = n // k
+    if not r.target.is_cuda and not bool((r.target.view(k, b) == r.target[:b]).all()):
+        raise ValueError(f"sample_num = {k}: the batch is not {k} repeats of its first {b} rows (is it "
+                         "train_neg_sample_args' sample_num?)")
+    weight = None if r.weight is None else r.weight[:b]
+    return Rows(r.query[:b], r.table, r.target[:b], r.neg.reshape(k, b).T, weight, r.extra)
+
+
 def _check_counts_use(negatives: str | None, item_counts: Tensor | None, alpha: float,
                       logq_correction: bool | None) -> None:
     """``item_counts``/``alpha``/``logq_correction=True`` where they would be ignored: an error, never silence."""
@@ -208,7 +223,8 @@ class FastRecLoss:
 
     def __init__(self, model: nn.Module, loss: str, rows: Callable[[nn.Module, Any], Rows], negatives: str | None,
                  num_negatives: int, item_counts: Tensor | None, logq_correction: bool | None,
-                 generator: torch.Generator | None, loss_kwargs: dict[str, Any], alpha: float = 1.0) -> None:
+                 generator: torch.Generator | None, loss_kwargs: dict[str, Any], alpha: float = 1.0,
+                 sample_num: int = 1) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
         if loss == "softmax_ce" and negatives is not None:
@@ -224,6 +240,13 @@ class FastRecLoss:
         self.correct = loss in CONTRASTIVE if logq_correction is None else bool(logq_correction)
         self.sampler: NegativeSampler | None = None
         self.num_negatives = num_negatives
+        if isinstance(sample_num, bool) or not isinstance(sample_num, int) or sample_num < 1:
+            raise ValueError(f"sample_num must be a positive int (train_neg_sample_args' sample_num), got "
+                             f"{sample_num!r}")
+        if sample_num > 1 and negatives != "interaction":
+            raise ValueError(f"sample_num groups the dataloader's negatives (negatives='interaction'), got "
+                             f"negatives={negatives!r}")
+        self.sample_num = sample_num
         if negatives in ("uniform", "popularity"):  # the padding id 0 is never drawn
             if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
                 raise ValueError(f"num_negatives must be a positive int, got {num_negatives!r}")
@@ -259,6 +282,9 @@ class FastRecLoss:
             if r.neg is None:
                 raise ValueError("negatives='interaction' needs the dataloader's negatives (train_neg_sample_args "
                                  "in the RecBole config); or use negatives='uniform'/'popularity'/'in_batch'")
+            if self.sample_num > 1:
+                r = _grouped(r, self.sample_num)
+                kw["weight"] = r.weight
             return fn(r.query, None, r.table, pos_idx=r.target, neg_idx=r.neg, **kw) + r.extra
         pos = r.table[r.target]
         padded = None if r.weight is None else r.weight == 0  # BERT4Rec's unused mask slots (target: the padding id)
@@ -282,7 +308,7 @@ def use_fastrecloss(model: nn.Module, loss: str = "softmax_ce", *, negatives: st
                     num_negatives: int = 256, item_counts: Tensor | Any | None = None,
                     logq_correction: bool | None = None, generator: torch.Generator | None = None,
                     rows: Callable[[nn.Module, Any], Rows] | None = None, alpha: float = 1.0,
-                    **loss_kwargs: Any) -> nn.Module:
+                    sample_num: int = 1, **loss_kwargs: Any) -> nn.Module:
     """Make ``model.calculate_loss`` compute ``loss`` with fastrecloss; returns the model.
 
     ``loss``: one of ``LOSSES``; ``loss_kwargs`` go to it (``temperature``, ``lam``, ``beta``,
@@ -292,6 +318,9 @@ def use_fastrecloss(model: nn.Module, loss: str = "softmax_ce", *, negatives: st
     ``'popularity'`` (q_j ∝ count_j^``alpha``, RecBole's ``train_neg_sample_args`` ``alpha``) and the
     in-batch logQ only: with ``'uniform'``, ``'interaction'`` or ``softmax_ce`` it is an error, as are
     ``alpha`` ≠ 1 without ``'popularity'`` and ``logq_correction=True`` where no logQ is known.
+    ``sample_num``: ``train_neg_sample_args``' sample_num K with ``'interaction'`` — RecBole repeats each
+    row K times with one negative each; the loss then sees each row once with its K negatives (the same
+    BPR/BCE/CCL mean, and a (K+1)-way softmax for the contrastive losses instead of K 2-way ones).
     ``rows``: for a model not in ``SEQUENTIAL``/``GENERAL``, a function ``(model, interaction)
     -> Rows`` that takes the query, table and target as that model's ``calculate_loss`` does.
     """
@@ -307,7 +336,7 @@ def use_fastrecloss(model: nn.Module, loss: str = "softmax_ce", *, negatives: st
     if item_counts is not None:
         item_counts = as_item_counts(item_counts, int(model.n_items))
     model.calculate_loss = FastRecLoss(model, loss, found, negatives, num_negatives, item_counts, logq_correction,
-                                       generator, loss_kwargs, alpha)
+                                       generator, loss_kwargs, alpha, sample_num)
     return model
 
 
@@ -337,11 +366,15 @@ def run_recbole(model: str, dataset: str, config_file_list: list[str] | None = N
     train, valid, test = data_preparation(config, create_dataset(config))
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = get_model(config["model"])(config, train.dataset).to(config["device"])
-    negatives = use_kwargs.get("negatives")
+    negatives = use_kwargs.get("negatives") or (None if loss == "softmax_ce" else
+                                                "interaction" if type(net).__name__ in GENERAL else "uniform")
     wants_counts = negatives == "popularity" or (negatives == "in_batch" and use_kwargs.get("logq_correction") is not
                                                  False and loss in CONTRASTIVE)
     if wants_counts and use_kwargs.get("item_counts") is None:
         use_kwargs["item_counts"] = train.dataset
+    neg_args = config["train_neg_sample_args"] or {}
+    if negatives == "interaction" and neg_args.get("sample_num") not in (None, "none"):
+        use_kwargs.setdefault("sample_num", int(neg_args["sample_num"]))
     use_fastrecloss(net, loss, **use_kwargs)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
     best_score, best_result = trainer.fit(train, valid, saved=saved, show_progress=config["show_progress"])
