@@ -319,3 +319,21 @@ def test_sample_num_groups_the_dataloaders_negatives(data_root: Path) -> None:
         model.calculate_loss(batch)
     with pytest.raises(ValueError, match="sample_num groups the dataloader's negatives"):
         fr.use_fastrecloss(model, loss="infonce", negatives="uniform", sample_num=3)
+
+
+def test_run_recbole_takes_sample_num_and_counts_from_its_config(data_root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(data_root)
+    seen: list[dict[str, Any]] = []
+
+    def spy(model: torch.nn.Module, loss: str, **kwargs: Any) -> torch.nn.Module:
+        seen.append(kwargs)
+        return use(model, loss, **kwargs)
+
+    use = fr.use_fastrecloss
+    monkeypatch.setattr(fr, "use_fastrecloss", spy)
+    cfg = settings(data_root, "BPR", train_neg_sample_args={"distribution": "uniform", "sample_num": 3})
+    result = fr.run_recbole("BPR", "tiny", config_dict=cfg, saved=False, loss="infonce")
+    fr.run_recbole("BPR", "tiny", config_dict=cfg, saved=False, loss="infonce", negatives="popularity")
+    assert result["test_result"] and seen[0] == {"sample_num": 3}
+    assert set(seen[1]) == {"negatives", "item_counts"} and seen[1]["item_counts"].item_num == N_ITEMS + 1
