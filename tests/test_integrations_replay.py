@@ -212,3 +212,34 @@ def test_sampled_bad_labels_are_named_errors(gen: torch.Generator, loss: torch.n
     for labels, neg, error, match in cases:
         with pytest.raises(error, match=match):
             loss(hidden, None, labels, neg, None, mask)
+
+
+class _ItemIds:
+    """The smallest FeaturesReaderProtocol: the item tower's only feature is the item id."""
+
+    feature_names = ["item_id"]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.arange(NI)
+
+
+@pytest.mark.parametrize("name", ["CE", "CESampled"])
+def test_two_tower_reads_the_item_towers_table(gen: torch.Generator, name: str) -> None:
+    """A TwoTower's body has an embedder too: the adapter used to take its raw item embeddings as the table
+    instead of the item tower's output that TwoTower.get_logits scores (a different loss, silently)."""
+    from replay.nn.sequential import TwoTower
+
+    ours, theirs = getattr(frl, name)(ignore_index=NI), getattr(rl, name)(ignore_index=NI)
+    base = TwoTower.from_params(schema(), _ItemIds(), embedding_dim=D, num_heads=1, num_blocks=1,
+                                max_sequence_length=L, dropout=0.0)
+    model = TwoTower(body=base.body, loss=theirs)
+    ours.logits_callback = model.get_logits
+    b = batch(gen)
+    hidden = torch.randn(B, L, D, generator=gen, requires_grad=True)
+    neg = negatives(gen, (7,), b["positive_labels"]) if name == "CESampled" else None
+
+    def run(loss: torch.nn.Module) -> torch.Tensor:
+        return loss(hidden, b["feature_tensors"], b["positive_labels"], neg, b["padding_mask"],
+                    b["target_padding_mask"])
+
+    assert_same(run(ours), run(theirs), [hidden, *model.body.item_tower.parameters()])

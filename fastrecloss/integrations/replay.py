@@ -59,10 +59,11 @@ class _ReplayLoss(nn.Module):
         owner = getattr(self._logits_callback, "__self__", None)
         body = getattr(owner, "body", None)
         head = type(getattr(owner, "head", None)).__name__
-        if head == "EmbeddingTyingHead" and hasattr(getattr(body, "embedder", None), "get_item_weights"):
-            return body.embedder.get_item_weights(None)
+        # a TwoTower's body has an embedder too (the raw feature embeddings): its logits use the item tower
         if head == "EmbeddingTyingHead" and hasattr(body, "item_tower"):
             return body.item_tower(None)
+        if head == "EmbeddingTyingHead" and hasattr(getattr(body, "embedder", None), "get_item_weights"):
+            return body.embedder.get_item_weights(None)
         raise TypeError("cannot find the item table behind logits_callback (a SasRec/TwoTower get_logits with an "
                         "EmbeddingTyingHead); set loss.item_weights_callback = lambda: table [I, d]")
 
