@@ -173,6 +173,21 @@ def test_numpy_0dim_arrays_as_hyper_parameters(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_several_positives_out_of_range_raise_like_one(backend: str) -> None:
+    """pos_idx / target [R, P] past the table were silently ignored slots on CPU (one positive raises): a wrong
+    id map or catalogue size then trained on fewer positives with no warning."""
+    t = _data()
+    pos = torch.stack([t["target"], t["target"]], 1)
+    pos[1, 1] = I + 2
+    with pytest.raises(ValueError, match=rf"infonce: pos_idx has values in \[{I + 2}, {I + 2}\], out of range"):
+        F.infonce(t["q"], None, t["table"], pos_idx=pos, backend=backend)
+    with pytest.raises(ValueError, match="softmax_ce: target has values .* out of range for table"):
+        F.softmax_ce(t["q"], t["table"], pos, backend=backend)
+    pos[1, 1] = -100  # the padding of a positive slot stays ignored
+    assert torch.isfinite(F.softmax_ce(t["q"], t["table"], pos, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_empty_catalogue_with_every_target_ignored(backend: str) -> None:
     """softmax_ce over I = 0 items with every target ignored is 0 (SPEC §5); it used to raise IndexError
     gathering the ignored targets' (replaced) row 0 of an empty table."""

@@ -243,3 +243,11 @@ def test_two_tower_reads_the_item_towers_table(gen: torch.Generator, name: str) 
                     b["target_padding_mask"])
 
     assert_same(run(ours), run(theirs), [hidden, *model.body.item_tower.parameters()])
+
+
+@pytest.mark.parametrize("num_positives", [1, 3])
+def test_login_ce_with_a_cardinality_below_the_table(gen: torch.Generator, num_positives: int) -> None:
+    """RePlay's LogInCE(cardinality) takes arange(cardinality) as negatives and scores positives from the whole
+    table; ours cut the table to ``cardinality`` rows, so positives past it were dropped rows (a different
+    loss, silently) — and, once the core refused such a pos_idx, an error."""
+    compare(frl.LogInCE(NI - 5), rl.LogInCE(NI - 5), gen, num_positives=num_positives)

@@ -252,7 +252,7 @@ class _LogInCE(_ReplayLoss):
         self.negative_labels_ignore_index, self.backend = negative_labels_ignore_index, backend
 
     def _loss(self, model_embeddings: Tensor, positive_labels: Tensor, target_padding_mask: Tensor, table: Tensor,
-              negative_labels: Tensor | None) -> Tensor:
+              negative_labels: Tensor | None, cardinality: int | None = None) -> Tensor:
         if positive_labels.dim() != 3 or tuple(target_padding_mask.shape) != tuple(positive_labels.shape):
             raise ValueError(f"positive_labels and target_padding_mask must be [B, L, P] of one shape, got "
                              f"{tuple(positive_labels.shape)} and {tuple(target_padding_mask.shape)}")
@@ -262,15 +262,18 @@ class _LogInCE(_ReplayLoss):
         pos_idx = positive_labels.masked_fill(~target_padding_mask, ignore).reshape(B * L, P)
         padded = positive_labels.masked_fill(target_padding_mask, -1).reshape(B * L, P, 1)  # RePlay masks these too
         kw: dict[str, Any] = {}
-        if negative_labels is None:  # the whole catalogue
+        if negative_labels is None:  # the catalogue's first ``cardinality`` items (RePlay's arange); positives: any
             ids = torch.arange(table.size(0), device=q.device)
+            if cardinality is not None and cardinality < table.size(0):
+                kw["neg_mask"] = ids >= cardinality
         else:
             N = negative_labels.size(-1)
             if negative_labels.dim() == 2:
                 negative_labels = negative_labels[:, None, :]
             ids = kw["neg_idx"] = negative_labels.expand(B, L, N).reshape(B * L, N)
         if bool(((padded >= 0) & (padded < table.size(0))).any()):
-            kw["neg_mask"] = (padded == ids.reshape(-1 if ids.dim() == 2 else 1, 1, ids.size(-1))).any(1)
+            hits = (padded == ids.reshape(-1 if ids.dim() == 2 else 1, 1, ids.size(-1))).any(1)
+            kw["neg_mask"] = hits | kw["neg_mask"] if "neg_mask" in kw else hits
         rows = F.infonce(q, None, table, pos_idx=pos_idx, ignore_index=ignore, reduction="none",
                          backend=self.backend, **kw)
         rows = rows[target_padding_mask.any(-1).reshape(-1)]
@@ -279,7 +282,8 @@ class _LogInCE(_ReplayLoss):
 
 
 class LogInCE(_LogInCE):
-    """``replay.nn.loss.LogInCE``: the whole catalogue (``cardinality`` items) as negatives."""
+    """``replay.nn.loss.LogInCE``: the catalogue's first ``cardinality`` items as negatives (all of it when that is
+    the table's size; a smaller one leaves the rest out of the negatives only, as RePlay's does)."""
 
     def __init__(self, cardinality: int, log_epsilon: float = 1e-6, clamp_border: float = 100.0,
                  negative_labels_ignore_index: int = -100, backend: str = "auto") -> None:
@@ -291,7 +295,7 @@ class LogInCE(_LogInCE):
         table = self.item_table()
         if table.size(0) < self.cardinality:
             raise ValueError(f"cardinality is {self.cardinality} but the item table has {table.size(0)} rows")
-        return self._loss(model_embeddings, positive_labels, target_padding_mask, table[: self.cardinality], None)
+        return self._loss(model_embeddings, positive_labels, target_padding_mask, table, None, self.cardinality)
 
 
 class LogInCESampled(_LogInCE):
