@@ -205,6 +205,11 @@ def test_restore_and_errors(data_root: Path) -> None:
         model.calculate_loss(first_batch(train))
     with pytest.raises(ValueError, match="does not know how Linear"):
         fr.use_fastrecloss(torch.nn.Linear(2, 2))
+    # a learnable τ the model does not hold would never reach RecBole's optimiser (model.parameters())
+    with pytest.raises(ValueError, match="temperature is an nn.Parameter that the model does not hold"):
+        fr.use_fastrecloss(model, loss="softmax_ce", temperature=torch.nn.Parameter(torch.tensor(0.5)))
+    model.tau = torch.nn.Parameter(torch.tensor(0.5))
+    fr.use_fastrecloss(model, loss="softmax_ce", temperature=model.tau)
 
 
 def test_item_counts_the_ways_recbole_gives_them_and_alpha(data_root: Path) -> None:

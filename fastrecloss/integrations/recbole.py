@@ -333,6 +333,11 @@ def use_fastrecloss(model: nn.Module, loss: str = "softmax_ce", *, negatives: st
         raise ValueError(f"{name} has loss_type {model.loss_type!r}; expected 'CE' or 'BPR'")
     if loss != "softmax_ce" and negatives is None:
         negatives = "interaction" if name in GENERAL else "uniform"
+    tau = loss_kwargs.get("temperature")
+    if isinstance(tau, nn.Parameter) and not any(p is tau for p in model.parameters()):
+        raise ValueError("temperature is an nn.Parameter that the model does not hold: RecBole's Trainer optimises "
+                         "model.parameters() only, so it would never be learned — assign it to the model first "
+                         "(model.tau = nn.Parameter(...); use_fastrecloss(model, ..., temperature=model.tau))")
     if item_counts is not None:
         item_counts = as_item_counts(item_counts, int(model.n_items))
     model.calculate_loss = FastRecLoss(model, loss, found, negatives, num_negatives, item_counts, logq_correction,
