@@ -16,10 +16,12 @@ model trained with ``BPRLoss``, compute RecBole's own loss (tests/test_integrati
 Supported models: the sequential ones whose CE loss is ``cross_entropy(seq_output · Eᵀ, pos)``
 (``SEQUENTIAL``, BERT4Rec with its masked positions and output bias included) and the general
 ones trained with ``BPRLoss`` listed in ``GENERAL``. Negatives for every other loss:
-``'interaction'`` (the dataloader's ``neg_item_id``, per row), ``'uniform'``/``'popularity'`` (a
-pool of ``num_negatives`` shared by the batch, drawn from the non-padding ids, logQ-corrected
-for the contrastive losses unless ``logq_correction=False``) or ``'in_batch'`` (the batch's own
-positives; logQ from ``item_counts`` when given).
+``'interaction'`` (the dataloader's ``neg_item_id``, per row; ``sample_num=K`` groups RecBole's K
+repeats of a row into one row with K negatives), ``'uniform'``/``'popularity'`` (a pool of
+``num_negatives`` shared by the batch, drawn from the non-padding ids — popularity ∝
+count^``alpha`` — logQ-corrected for the contrastive losses unless ``logq_correction=False``) or
+``'in_batch'`` (the batch's own positives; logQ from ``item_counts`` when given). ``run_recbole`` is
+``recbole.quick_start.run_recbole`` with the loss replaced.
 
 RecBole 1.2.1 and current NumPy/SciPy/torch: it needs ``pandas<3``, and ``setuptools<81`` for
 ``recbole.quick_start`` (its ``ray`` 2.x imports ``pkg_resources``); its ``Config`` aliases
