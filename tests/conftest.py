@@ -7,7 +7,8 @@ FASTRECLOSS_TEST_THREADS to change the thread count.
 run and marks the others ``exhaustive`` (CI runs them as a step of their own: ``-m exhaustive``). Each
 argument names parameters, alone or as a tuple: every value combination of those parameters that
 occurs among the test's cases is run by at least one default case (no arguments: every pair of
-parameters). The cases are picked greedily in collection order, so the split is the same run to run.
+parameters). ``cost=f`` (f: the case's parameters -> a relative cost) makes the greedy choice prefer the
+cases that cover the most per unit of cost; ties go to the first case, so the split is the same run to run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import defaultdict
+from collections.abc import Callable
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -34,14 +36,17 @@ def _key(value: object) -> object:
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
-def covering(cases: list[dict[str, object]], factors: list[tuple[str, ...]]) -> list[int]:
+def covering(cases: list[dict[str, object]], factors: list[tuple[str, ...]],
+             cost: Callable[[dict[str, object]], float] | None = None) -> list[int]:
     """Indices of a subset of ``cases`` (parameter dicts) in which every value combination of each
-    factor (a tuple of parameter names) that occurs in ``cases`` occurs at least once (greedy set cover)."""
+    factor (a tuple of parameter names) that occurs in ``cases`` occurs at least once (greedy set cover,
+    weighted by ``cost``)."""
     needs = [{(f, tuple(_key(case[n]) for n in f)) for f in factors} for case in cases]
+    costs = [cost(case) if cost else 1.0 for case in cases]
     missing = set().union(*needs)
     chosen: list[int] = []
     while missing:
-        best = max(range(len(cases)), key=lambda i: (len(needs[i] & missing), -i))
+        best = max(range(len(cases)), key=lambda i: (len(needs[i] & missing) / costs[i], -i))
         chosen.append(best)
         missing -= needs[best]
     return sorted(chosen)
@@ -55,14 +60,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             groups[(item.path, item.originalname)].append(item)
     for group in groups.values():
         params = [item.callspec.params for item in group]
-        args = group[0].get_closest_marker("cover").args
+        marker = group[0].get_closest_marker("cover")
+        args = marker.args
         names = sorted(params[0])
         factors = ([(a,) if isinstance(a, str) else tuple(a) for a in args] if args
                    else list(itertools.combinations(names, 2)) or [tuple(names)])
         unknown = {n for f in factors for n in f} - set(names)
         if unknown:
             raise pytest.UsageError(f"{group[0].nodeid}: cover() names {sorted(unknown)}, not parameters {names}")
-        keep = set(covering(params, factors))
+        keep = set(covering(params, factors, marker.kwargs.get("cost")))
         for i, item in enumerate(group):
             if i not in keep:
                 item.add_marker(pytest.mark.exhaustive)
