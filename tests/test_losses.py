@@ -305,7 +305,7 @@ GRADCHECK_CASES = [
 ]
 
 
-@pytest.mark.cover(("case", "layout"), ("case", "opts"), ("case", "reduction"), ("layout", "opts", "reduction"))
+@pytest.mark.cover(("case", "layout"), ("case", "reduction"), ("layout", "opts", "reduction"))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(("case", "layout", "opts"), GRADCHECK_CASES)
 def test_gradcheck_torch_backend(case: LossCase, layout: str, opts: dict, reduction: str,

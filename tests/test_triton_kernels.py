@@ -60,7 +60,9 @@ def _inputs(case: LossCase, layout: str, R: int, N: int, d: int, gen: torch.Gene
 # --- loss × layout × option --------------------------------------------------------------------
 
 
-@pytest.mark.cover(("case", "layout"), ("case", "opts"), ("layout", "opts"))
+# every loss with every layout, every layout with every option (the torch backend, which shares the row
+# math, meets every loss × option pair in the default run; the kernels meet them all in -m exhaustive)
+@pytest.mark.cover(("case", "layout"), ("layout", "opts"))
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES))
 def test_every_loss_layout_option_fp32(case: LossCase, layout: str, opts: dict, gen: torch.Generator) -> None:
     check_case(case, TRITON, _inputs(case, layout, 7, 5, 33, gen, **opts), F32)
@@ -118,15 +120,14 @@ def test_awkward_shapes_fp32(R: int, N: int, d: int, layout: str, case: LossCase
 
 
 BF16_SHAPES = [(1, 1, 1), (7, 0, 33), (129, 101, 64), (129, 101, 1), (7, 101, 64)]
-BF16_AWKWARD = [pytest.param(case, layout, shape, id=f"R{shape[0]}-N{shape[1]}-d{shape[2]}-{layout}-{case.id}")
+BF16_AWKWARD = [pytest.param(case, layout, *shape, id=f"R{shape[0]}-N{shape[1]}-d{shape[2]}-{layout}-{case.id}")
                 for case in (CASES["infonce"], CASES["bpr"]) for layout in LAYOUTS for shape in BF16_SHAPES
                 if _cheap(shape, layout)]
 
 
-@pytest.mark.cover(("layout", "shape"), ("case", "layout"), ("case", "shape"))
-@pytest.mark.parametrize(("case", "layout", "shape"), BF16_AWKWARD)
-def test_awkward_shapes_bf16(case: LossCase, layout: str, shape: tuple[int, int, int], gen: torch.Generator) -> None:
-    R, N, d = shape
+@pytest.mark.cover(("layout", "R", "N"), ("layout", "d"), ("case", "layout"), cost=_interpreter_cost)
+@pytest.mark.parametrize(("case", "layout", "R", "N", "d"), BF16_AWKWARD)
+def test_awkward_shapes_bf16(case: LossCase, layout: str, R: int, N: int, d: int, gen: torch.Generator) -> None:
     check_case(case, TRITON, _inputs(case, layout, R, N, d, gen, mask="row" if R > 1 else None), BF16)
 
 
@@ -139,7 +140,7 @@ def test_softmax_ce_catalogue_larger_than_a_tile(gen: torch.Generator) -> None:
 # --- reductions, upstream gradients, requires_grad, ignored rows -------------------------------
 
 
-@pytest.mark.cover(("case", "layout"), ("case", "dtype"), ("layout", "dtype"))
+@pytest.mark.cover(("case", "dtype"), ("layout", "dtype"))
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES, ("plain",)))
 def test_reduction_none_random_upstream(case: LossCase, layout: str, opts: dict, dtype: torch.dtype,
@@ -160,7 +161,7 @@ def test_reductions_with_weights(case: LossCase, layout: str, opts: dict, reduct
 GRAD_COMBOS = [c for n in range(4) for c in itertools.combinations(DIFF_KEYS, n)]
 
 
-@pytest.mark.cover()
+@pytest.mark.cover(("grad_of", "reduction"), ("case", "reduction"))
 @pytest.mark.parametrize("grad_of", GRAD_COMBOS, ids=lambda c: "+".join(c) or "nothing")
 @pytest.mark.parametrize(("case", "layout", "opts"), [
     pytest.param(CASES["infonce"], "shared", {"pos_idx": True}, id="infonce-shared-pos_idx"),
