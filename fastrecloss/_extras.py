@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from ._problem import IGNORE_INDEX, check_choice, check_temperature
+from ._problem import IGNORE_INDEX, _check_range, check_choice, check_temperature
 from ._spec import Kind, LossSpec, acc_dtype, result_dtype
 
 OPTIONS = ("table_grad", "neg_bias", "pos_bias")
@@ -156,6 +156,8 @@ def multi_positive(fn: str, spec: LossSpec, query: Tensor, neg: Tensor, common: 
         got = f"{neg_idx.dtype} {tuple(neg_idx.shape)}" if isinstance(neg_idx, Tensor) else type(neg_idx).__name__
         raise ValueError(f"neg_idx must be an int tensor of shape [R, N] with R = {R}, got {got}")
     ignore = common.pop("ignore_index", IGNORE_INDEX)
+    ce = fn == "softmax_ce"  # its arguments are target / table
+    _check_range("target" if ce else "pos_idx", pos_idx, num_items, "table" if ce else "neg", ignore)  # as one positive
     weight, reduction = common.pop("weight", None), common.pop("reduction", "mean")
     tau, log_q = common.get("temperature", 1.0), common.get("log_q")
     pos_log_q = common.pop("pos_log_q", None)

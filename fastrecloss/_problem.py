@@ -31,6 +31,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from ._spec import unwrap_numpy
+
 LAYOUTS = ("shared", "per_row", "indexed")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -110,6 +112,11 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def _array_desc(value: object) -> str:
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    return "" if shape is None or dtype is None else f" of shape {tuple(shape)} and dtype {dtype}"
+
+
 def check_temperature(temperature: object, device: torch.device | None = None) -> float | Tensor:
     """τ as a float, or as a 0-dim floating-point tensor (learnable, e.g. an ``nn.Parameter``) on ``device``
     (the query's) when given. A tensor's value is checked (finite, > 0) only where that costs no host sync:
@@ -126,9 +133,10 @@ def check_temperature(temperature: object, device: torch.device | None = None) -
             if not bool(torch.isfinite(t) & (t > 0)):
                 raise ValueError(f"temperature must be a finite number > 0, got {t.item()}")
         return temperature
+    temperature = unwrap_numpy(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError("temperature must be a real number (a float) or a 0-dim floating-point tensor, got "
-                        f"{type(temperature).__name__}")
+                        f"{type(temperature).__name__}{_array_desc(temperature)}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return float(temperature)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, fields
 from enum import IntEnum
 
@@ -29,6 +30,15 @@ class Kind(IntEnum):
     BPR = 1  # agg_j softplus(s_j - s+)
     BCE = 2  # β softplus(-s+) + agg_j softplus(s_j)
     CCL = 3  # relu(1 - s+) + w agg_j relu(s_j - m)
+
+
+def unwrap_numpy(value: object) -> object:
+    """A 0-dim real numpy array (``np.array(0.1)``, a value read from a config) as its Python number; anything
+    else unchanged (a 1-dim, bool or string array is then refused by the caller's type check)."""
+    np = sys.modules.get("numpy")  # no import: an object can only be an ndarray once numpy is loaded
+    if np is not None and isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        return value.item()
+    return value
 
 
 # name -> (lower bound or None, upper bound or None) for the float hyper-parameters.
@@ -52,7 +62,7 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in _BOUNDS.items():
-            value = getattr(self, name)
+            value = unwrap_numpy(getattr(self, name))
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))  # numpy scalars, ints: plain floats

@@ -58,8 +58,10 @@ def _counts(item_counts: Tensor | np.ndarray | Sequence[float], num_items: int |
 class NegativeSampler:
     """Draws negatives from ``[low, num_items)``: ``'uniform'``, or ``'popularity'`` with q_j ∝ count_j^alpha.
 
-    ``item_counts`` [num_items] (tensor, array or sequence; popularity only): items with a zero count,
-    and ids below ``low`` (e.g. a padding id 0), are never drawn and their ``log_q`` is −inf.
+    ``item_counts`` [num_items] (tensor, array or sequence) and ``alpha``: popularity only (``'uniform'``
+    with either is a ValueError, not silently ignored; ``'popularity'`` with ``alpha=0`` is uniform over
+    the items with a positive count). Items with a zero count, and ids below ``low`` (e.g. a padding
+    id 0), are never drawn and their ``log_q`` is −inf.
     ``replacement=False`` draws shared pools of distinct ids (see the module docstring).
     ``generator`` makes the draws reproducible (its state is part of a training checkpoint); None
     uses torch's default generator, as ``torch.randint`` does.
@@ -81,6 +83,11 @@ class NegativeSampler:
         self.generator = generator
         weights = torch.zeros(num_items, dtype=torch.float64)
         if kind == "uniform":
+            if item_counts is not None or not (isinstance(alpha, numbers.Real) and alpha == 1.0):
+                raise ValueError("item_counts and alpha are for kind='popularity' (q_j ∝ count_j^alpha); "
+                                 "kind='uniform' draws every id in [low, num_items) alike and takes neither "
+                                 f"(got item_counts={'None' if item_counts is None else 'given'}, alpha={alpha!r}). "
+                                 "Uniform over the items with a positive count: kind='popularity', alpha=0")
             weights[low:] = 1.0
         else:
             if item_counts is None:

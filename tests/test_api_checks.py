@@ -150,6 +150,44 @@ def test_numpy_scalars_as_hyper_parameters(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_0dim_arrays_as_hyper_parameters(backend: str) -> None:
+    """np.array(0.5) (what np.asarray / a config loader gives) is its Python number for temperature in every
+    public entry point and for the losses' own hyper-parameters; it used to be a TypeError / ValueError."""
+    t, tau = _data(), np.array(0.5)
+    want = F.infonce_plus(t["q"], t["p"], t["neg"], temperature=0.5, eps=0.25, lam=1.5, backend=backend)
+    got = F.infonce_plus(t["q"], t["p"], t["neg"], temperature=tau, eps=np.array(0.25), lam=np.array(1.5),
+                         backend=backend)
+    torch.testing.assert_close(got, want)
+    q, table, target = t["q"], t["table"], t["target"]
+    for call in (lambda tau: fastrecloss.SoftmaxCELoss(temperature=tau, backend=backend)(q, table, target),
+                 lambda tau: fastrecloss.InfoNCELoss(backend=backend)(q, t["p"], t["neg"], temperature=tau),
+                 lambda tau: ranking.topk(q, table, 3, temperature=tau, backend=backend)[0],
+                 lambda tau: D.softmax_ce(q, table, target, temperature=tau, backend=backend),
+                 lambda tau: D.ring_logsumexp(q, table, temperature=tau, backend=backend)):
+        torch.testing.assert_close(call(tau), call(0.5))
+    for bad in (np.array([0.5]), np.array(True), np.array("0.5")):
+        with pytest.raises(TypeError, match="temperature must be a real number.*got ndarray of shape"):
+            F.softmax_ce(q, table, target, temperature=bad)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        F.softmax_ce(q, table, target, temperature=np.array(0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_positives_out_of_range_raise_like_one(backend: str) -> None:
+    """pos_idx / target [R, P] past the table were silently ignored slots on CPU (one positive raises): a wrong
+    id map or catalogue size then trained on fewer positives with no warning."""
+    t = _data()
+    pos = torch.stack([t["target"], t["target"]], 1)
+    pos[1, 1] = I + 2
+    with pytest.raises(ValueError, match=rf"infonce: pos_idx has values in \[{I + 2}, {I + 2}\], out of range"):
+        F.infonce(t["q"], None, t["table"], pos_idx=pos, backend=backend)
+    with pytest.raises(ValueError, match="softmax_ce: target has values .* out of range for table"):
+        F.softmax_ce(t["q"], t["table"], pos, backend=backend)
+    pos[1, 1] = -100  # the padding of a positive slot stays ignored
+    assert torch.isfinite(F.softmax_ce(t["q"], t["table"], pos, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_empty_catalogue_with_every_target_ignored(backend: str) -> None:
     """softmax_ce over I = 0 items with every target ignored is 0 (SPEC §5); it used to raise IndexError
     gathering the ignored targets' (replaced) row 0 of an empty table."""

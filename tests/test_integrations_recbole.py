@@ -46,8 +46,8 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def build(root: Path, model: str, **overrides: Any) -> tuple[Config, Any, Any, Any]:
-    """(config, model, train, valid) for ``model`` on the tiny set, RecBole's pipeline end to end."""
+def settings(root: Path, model: str, **overrides: Any) -> dict[str, Any]:
+    """The config_dict of ``model`` on the tiny set."""
     sequential = model not in fr.GENERAL
     cfg = dict(data_path=str(root), checkpoint_dir=str(root / "ckpt"), train_batch_size=32, eval_batch_size=64,
                hidden_size=8, inner_size=16, n_layers=1, n_heads=1, embedding_size=8, MAX_ITEM_LIST_LENGTH=10,
@@ -58,7 +58,12 @@ def build(root: Path, model: str, **overrides: Any) -> tuple[Config, Any, Any, A
                eval_args={"split": {"LS": "valid_and_test"} if sequential else {"RS": [0.8, 0.1, 0.1]},
                           "order": "TO", "mode": "full"})
     cfg.update(overrides)
-    config = Config(model=model, dataset="tiny", config_dict=cfg)
+    return cfg
+
+
+def build(root: Path, model: str, **overrides: Any) -> tuple[Config, Any, Any, Any]:
+    """(config, model, train, valid) for ``model`` on the tiny set, RecBole's pipeline end to end."""
+    config = Config(model=model, dataset="tiny", config_dict=settings(root, model, **overrides))
     init_seed(0, True)
     dataset = create_dataset(config)
     train, valid, _ = data_preparation(config, dataset)
@@ -125,7 +130,8 @@ def test_sampled_softmax_draws_the_pool_and_corrects_with_log_q(data_root: Path,
     batch = first_batch(train)
     counts = fr.count_items(train.dataset)
     assert counts.shape == (model.n_items,) and counts[0] == 0 and counts.sum() == len(train.dataset.inter_feat)
-    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=train.dataset,
+    given = train.dataset if negatives == "popularity" else None  # uniform draws take no counts
+    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=given,
                        generator=torch.Generator().manual_seed(5))
     ours = model.calculate_loss(batch)
     # the same draw again, by hand
@@ -138,7 +144,7 @@ def test_sampled_softmax_draws_the_pool_and_corrects_with_log_q(data_root: Path,
     log_q = (16 * p).log().float()
     assert_same(ours, _sampled_reference(model, batch, ids, log_q), params(model))
     # without the correction it is a different loss, and equal to the uncorrected reference
-    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=train.dataset,
+    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=16, item_counts=given,
                        generator=torch.Generator().manual_seed(5), logq_correction=False)
     plain = model.calculate_loss(batch)
     assert_same(plain, _sampled_reference(model, batch, ids, None), params(model))
@@ -199,3 +205,140 @@ def test_restore_and_errors(data_root: Path) -> None:
         model.calculate_loss(first_batch(train))
     with pytest.raises(ValueError, match="does not know how Linear"):
         fr.use_fastrecloss(torch.nn.Linear(2, 2))
+    # a learnable τ the model does not hold would never reach RecBole's optimiser (model.parameters())
+    with pytest.raises(ValueError, match="temperature is an nn.Parameter that the model does not hold"):
+        fr.use_fastrecloss(model, loss="softmax_ce", temperature=torch.nn.Parameter(torch.tensor(0.5)))
+    model.tau = torch.nn.Parameter(torch.tensor(0.5))
+    fr.use_fastrecloss(model, loss="softmax_ce", temperature=model.tau)
+
+
+def test_item_counts_the_ways_recbole_gives_them_and_alpha(data_root: Path) -> None:
+    """A Dataset, its item_counter (a Counter), a numpy array and a tensor are the same counts (they used to fail
+    with AttributeError unless a Dataset or a tensor); ``alpha`` is train_neg_sample_args' alpha, q ∝ count^alpha."""
+    _, model, train, _ = build(data_root, "SASRec")
+    counts = fr.count_items(train.dataset)
+    probs = {}
+    for name, given in (("dataset", train.dataset), ("item_counter", train.dataset.item_counter),
+                        ("numpy", counts.numpy()), ("tensor", counts)):
+        fr.use_fastrecloss(model, loss="infonce", negatives="popularity", num_negatives=4, item_counts=given)
+        probs[name] = model.calculate_loss.sampler.probs
+    assert all(torch.equal(p, probs["tensor"]) for p in probs.values())
+    fr.use_fastrecloss(model, loss="infonce", negatives="popularity", num_negatives=4, item_counts=train.dataset,
+                       alpha=0.75)
+    want = counts.double().pow(0.75)
+    want[0] = 0.0
+    torch.testing.assert_close(model.calculate_loss.sampler.probs, want / want.sum())
+    with pytest.raises(ValueError, match=r"item_counts must have one entry per item id, shape \[n_items\]"):
+        fr.use_fastrecloss(model, loss="infonce", negatives="popularity", item_counts=counts[:-1])
+    with pytest.raises(ValueError, match="outside the model's"):
+        fr.use_fastrecloss(model, loss="infonce", negatives="popularity", item_counts={N_ITEMS + 5: 3})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(loss="infonce", negatives="uniform", item_counts="dataset"), "negatives='uniform' draws ids 1..n_items-1"),
+    (dict(loss="bpr", negatives="interaction", item_counts="dataset"), "negatives='interaction' takes the dataloader"),
+    (dict(loss="softmax_ce", item_counts="dataset"), "negatives=None scores the whole catalogue"),
+    (dict(loss="infonce", negatives="uniform", alpha=0.5), "alpha .* is for negatives='popularity'"),
+    (dict(loss="infonce", negatives="interaction", logq_correction=True), "logq_correction=True needs negatives"),
+    (dict(loss="infonce", negatives="in_batch", logq_correction=True), "in_batch' needs item_counts"),
+], ids=["uniform-counts", "interaction-counts", "softmax-counts", "uniform-alpha", "interaction-logq",
+        "in-batch-logq"])
+def test_options_that_would_be_ignored_are_errors(data_root: Path, kwargs: dict[str, Any], match: str) -> None:
+    """item_counts / alpha / logq_correction=True where the chosen negatives do not use them used to be ignored
+    silently (uniform with counts drew every id alike; the dataloader's negatives got no logQ)."""
+    _, model, train, _ = build(data_root, "SASRec")
+    if kwargs.get("item_counts") == "dataset":
+        kwargs = dict(kwargs, item_counts=train.dataset)
+    with pytest.raises(ValueError, match=match):
+        fr.use_fastrecloss(model, **kwargs)
+
+
+@pytest.mark.parametrize("negatives", ["popularity", "in_batch"])
+def test_bert4rec_padded_mask_slots_with_log_q(data_root: Path, negatives: str) -> None:
+    """BERT4Rec's unused mask slots (target = the padding id 0, weight 0) have logQ −inf: the sampled loss was NaN
+    (+inf positive score in an ignored row) and the in-batch logQ raised on item 0's zero count."""
+    _, model, train, _ = build(data_root, "BERT4Rec", mask_ratio=0.3)
+    model.eval()
+    batch = first_batch(train)
+    r = fr.SEQUENTIAL["BERT4Rec"](model, batch)
+    real = r.weight > 0
+    assert (~real).any() and real.any()
+    counts = fr.count_items(train.dataset).double()
+    fr.use_fastrecloss(model, loss="infonce", negatives=negatives, num_negatives=8, item_counts=train.dataset,
+                       generator=torch.Generator().manual_seed(5))
+    ours = model.calculate_loss(batch)
+    q, target = r.query[real], r.target[real]
+    if negatives == "popularity":
+        p = counts / counts.sum()
+        ids = torch.multinomial(p, 8, replacement=True, generator=torch.Generator().manual_seed(5))
+        log_q = (8 * p).log()
+        pos = (q * r.table[target]).sum(-1, keepdim=True) - log_q[target][:, None]
+        neg = (q @ r.table[ids].T - log_q[ids]).masked_fill(target[:, None] == ids, -torch.inf)
+        logits, label = torch.cat([pos, neg], 1), torch.zeros_like(target)
+    else:  # in-batch over the real rows: logQ = log(R_real · p_j), the own column is the positive
+        log_q = (counts[target] / counts.sum() * len(target)).log()
+        hits = (target[:, None] == target[None, :]) & ~torch.eye(len(target), dtype=torch.bool)
+        logits, label = (q @ r.table[target].T - log_q).masked_fill(hits, -torch.inf), torch.arange(len(target))
+    ref = torch.nn.functional.cross_entropy(logits.float(), label)
+    assert torch.isfinite(ours)
+    assert_same(ours, ref, params(model))
+
+
+def test_run_recbole_with_our_loss_is_recboles_run_recbole(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RecBole's run_recbole builds the model by name (no hook for use_fastrecloss); ours does the same steps with
+    the loss replaced: with softmax_ce (= the model's CE) it reproduces RecBole's result."""
+    from recbole.quick_start import run_recbole
+
+    monkeypatch.chdir(data_root)  # log/ and log_tensorboard/ go to the working directory
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's own evaluate(load_best_model=True)
+    cfg = settings(data_root, "SASRec", epochs=2, eval_step=1)
+    theirs = run_recbole(model="SASRec", dataset="tiny", config_dict=cfg)
+    ours = fr.run_recbole("SASRec", "tiny", config_dict=cfg, loss="softmax_ce", backend="torch")
+    assert set(ours) == set(theirs) and ours["test_result"]
+    for key in ("best_valid_result", "test_result"):
+        assert dict(ours[key]) == pytest.approx(dict(theirs[key]), abs=1e-4)
+    sampled = fr.run_recbole("SASRec", "tiny", config_dict=cfg, loss="infonce", negatives="popularity",
+                             num_negatives=8)  # item_counts: the training split's, by default
+    assert sampled["test_result"] != ours["test_result"]
+
+
+def test_sample_num_groups_the_dataloaders_negatives(data_root: Path) -> None:
+    """train_neg_sample_args' sample_num K: RecBole repeats each row K times with one negative each. Grouped,
+    BPR is still RecBole's own loss (a mean is a mean) and InfoNCE is one (K+1)-way softmax per interaction."""
+    _, model, train, _ = build(data_root, "BPR", train_neg_sample_args={"distribution": "uniform", "sample_num": 3})
+    batch = first_batch(train)
+    fr.use_fastrecloss(model, loss="bpr", sample_num=3)
+    assert_same(model.calculate_loss(batch), own_loss(model, batch), params(model))
+    fr.use_fastrecloss(model, loss="infonce", sample_num=3)
+    b = len(batch[model.USER_ID]) // 3
+    user, pos = batch[model.USER_ID][:b], batch[model.ITEM_ID][:b]
+    neg = batch[model.NEG_ITEM_ID].view(3, b).T
+    assert (batch[model.USER_ID].view(3, b) == user).all() and not (neg == neg[:, :1]).all()
+    q, table = model.get_user_embedding(user), model.item_embedding.weight
+    logits = torch.cat([(q * table[pos]).sum(-1, keepdim=True), (q[:, None] * table[neg]).sum(-1)], 1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(neg == pos[:, None], -torch.inf)
+    ref = torch.nn.functional.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
+    assert_same(model.calculate_loss(batch), ref, params(model))
+    fr.use_fastrecloss(model, loss="infonce", sample_num=2)
+    with pytest.raises(ValueError, match="sample_num = 2"):
+        model.calculate_loss(batch)
+    with pytest.raises(ValueError, match="sample_num groups the dataloader's negatives"):
+        fr.use_fastrecloss(model, loss="infonce", negatives="uniform", sample_num=3)
+
+
+def test_run_recbole_takes_sample_num_and_counts_from_its_config(data_root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(data_root)
+    seen: list[dict[str, Any]] = []
+
+    def spy(model: torch.nn.Module, loss: str, **kwargs: Any) -> torch.nn.Module:
+        seen.append(kwargs)
+        return use(model, loss, **kwargs)
+
+    use = fr.use_fastrecloss
+    monkeypatch.setattr(fr, "use_fastrecloss", spy)
+    cfg = settings(data_root, "BPR", train_neg_sample_args={"distribution": "uniform", "sample_num": 3})
+    result = fr.run_recbole("BPR", "tiny", config_dict=cfg, saved=False, loss="infonce")
+    fr.run_recbole("BPR", "tiny", config_dict=cfg, saved=False, loss="infonce", negatives="popularity")
+    assert result["test_result"] and seen[0] == {"sample_num": 3}
+    assert set(seen[1]) == {"negatives", "item_counts"} and seen[1]["item_counts"].item_num == N_ITEMS + 1

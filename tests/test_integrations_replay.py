@@ -192,3 +192,62 @@ def test_errors(gen: torch.Generator) -> None:
     with pytest.raises(NotImplementedError, match="multi-positive"):
         frl.CE()(torch.randn(B, L, D), None, batch(gen, 2)["positive_labels"], None, None,
                  batch(gen, 2)["target_padding_mask"])
+
+
+@pytest.mark.parametrize("loss", [frl.CESampled(), frl.BCESampled()], ids=["CESampled", "BCESampled"])
+def test_sampled_bad_labels_are_named_errors(gen: torch.Generator, loss: torch.nn.Module) -> None:
+    """A shared pool used to be gathered before any check: float ids, ids past the catalogue and a [B', L, N] pool
+    of another batch size were raw IndexError/RuntimeError (a device assert on CUDA). A padded target holding the
+    padding id NI (outside [0, NI)) stays fine: only real targets are checked."""
+    loss.logits_callback = sasrec(rl.CE()).get_logits
+    b = batch(gen)
+    pos, mask = b["positive_labels"], b["target_padding_mask"]
+    assert (pos[~mask] == NI).all() and (~mask).any()
+    hidden = torch.randn(B, L, D, generator=gen)
+    assert torch.isfinite(loss(hidden, None, pos, torch.tensor([1, 2, -100]), None, mask))
+    cases = [(pos, torch.tensor([1.0, 2.0]), TypeError, "negative_labels must be an integer tensor"),
+             (pos, torch.tensor([1, NI + 1, -100]), ValueError, rf"negative_labels has item ids \[{NI + 1}\] outside"),
+             (pos, torch.zeros(B + 1, L, 4, dtype=torch.long), ValueError, r"\[N\], \[B, N\] or \[B, L, N\]"),
+             (pos.masked_fill(mask, NI + 2), torch.tensor([1, 2]), ValueError, "positive_labels has item ids")]
+    for labels, neg, error, match in cases:
+        with pytest.raises(error, match=match):
+            loss(hidden, None, labels, neg, None, mask)
+
+
+class _ItemIds:
+    """The smallest FeaturesReaderProtocol: the item tower's only feature is the item id."""
+
+    feature_names = ["item_id"]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.arange(NI)
+
+
+@pytest.mark.parametrize("name", ["CE", "CESampled"])
+def test_two_tower_reads_the_item_towers_table(gen: torch.Generator, name: str) -> None:
+    """A TwoTower's body has an embedder too: the adapter used to take its raw item embeddings as the table
+    instead of the item tower's output that TwoTower.get_logits scores (a different loss, silently)."""
+    from replay.nn.sequential import TwoTower
+
+    ours, theirs = getattr(frl, name)(ignore_index=NI), getattr(rl, name)(ignore_index=NI)
+    base = TwoTower.from_params(schema(), _ItemIds(), embedding_dim=D, num_heads=1, num_blocks=1,
+                                max_sequence_length=L, dropout=0.0)
+    model = TwoTower(body=base.body, loss=theirs)
+    ours.logits_callback = model.get_logits
+    b = batch(gen)
+    hidden = torch.randn(B, L, D, generator=gen, requires_grad=True)
+    neg = negatives(gen, (7,), b["positive_labels"]) if name == "CESampled" else None
+
+    def run(loss: torch.nn.Module) -> torch.Tensor:
+        return loss(hidden, b["feature_tensors"], b["positive_labels"], neg, b["padding_mask"],
+                    b["target_padding_mask"])
+
+    assert_same(run(ours), run(theirs), [hidden, *model.body.item_tower.parameters()])
+
+
+@pytest.mark.parametrize("num_positives", [1, 3])
+def test_login_ce_with_a_cardinality_below_the_table(gen: torch.Generator, num_positives: int) -> None:
+    """RePlay's LogInCE(cardinality) takes arange(cardinality) as negatives and scores positives from the whole
+    table; ours cut the table to ``cardinality`` rows, so positives past it were dropped rows (a different
+    loss, silently) — and, once the core refused such a pos_idx, an error."""
+    compare(frl.LogInCE(NI - 5), rl.LogInCE(NI - 5), gen, num_positives=num_positives)

@@ -123,6 +123,21 @@ def test_seeded_and_validated() -> None:
         NegativeSampler(5, "in-batch")
 
 
+def test_uniform_refuses_item_counts_and_alpha_and_popularity_alpha_0_is_uniform_over_seen_items() -> None:
+    """kind='uniform' used to ignore item_counts (and alpha) silently: a caller who meant 'uniform over the items
+    that occur' got every id. Now an error names both, and its advice (popularity, alpha=0) does that."""
+    counts = torch.tensor([0, 5, 0, 1, 2, 7])
+    for kw in ({"item_counts": counts}, {"alpha": 0.5}, {"item_counts": counts, "alpha": 0.0}):
+        with pytest.raises(ValueError, match=r"item_counts and alpha are for kind='popularity'.*alpha=0"):
+            NegativeSampler(6, "uniform", **kw)
+    NegativeSampler(6, "uniform", alpha=1)  # the default value, spelt as an int
+    s = NegativeSampler(6, "popularity", counts, alpha=0.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(s.probs, torch.tensor([0, 1, 0, 1, 1, 1], dtype=torch.float64) / 4)
+    ids, log_q = s.sample_shared(2000)
+    assert_matches(ids, s.probs)
+    assert torch.allclose(log_q, torch.full((2000,), math.log(2000 / 4)))
+
+
 def test_in_batch_log_q() -> None:
     counts = np.array([1, 3, 6])
     items = torch.tensor([2, 0, 2, 1])

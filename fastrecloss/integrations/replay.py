@@ -59,10 +59,11 @@ class _ReplayLoss(nn.Module):
         owner = getattr(self._logits_callback, "__self__", None)
         body = getattr(owner, "body", None)
         head = type(getattr(owner, "head", None)).__name__
-        if head == "EmbeddingTyingHead" and hasattr(getattr(body, "embedder", None), "get_item_weights"):
-            return body.embedder.get_item_weights(None)
+        # a TwoTower's body has an embedder too (the raw feature embeddings): its logits use the item tower
         if head == "EmbeddingTyingHead" and hasattr(body, "item_tower"):
             return body.item_tower(None)
+        if head == "EmbeddingTyingHead" and hasattr(getattr(body, "embedder", None), "get_item_weights"):
+            return body.embedder.get_item_weights(None)
         raise TypeError("cannot find the item table behind logits_callback (a SasRec/TwoTower get_logits with an "
                         "EmbeddingTyingHead); set loss.item_weights_callback = lambda: table [I, d]")
 
@@ -83,6 +84,20 @@ def _single_positive(positive_labels: Tensor, name: str) -> None:
     if positive_labels.dim() != 3 or positive_labels.size(-1) != 1:
         raise NotImplementedError(f"{name}: positive_labels must be [B, L, 1] (multi-positive labels are not "
                                   f"supported in the {name} loss), got {tuple(positive_labels.shape)}")
+
+
+def _outside(name: str, ids: Tensor, num_items: int, counts: Tensor) -> Tensor:
+    """Where ``ids`` (an int tensor) lies outside the catalogue [0, I) and ``counts``: a ValueError on CPU; on CUDA
+    (no host sync) the caller drops those entries, as the functional API does, so the table is never read there."""
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        got = f"{ids.dtype} tensor" if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be an integer tensor of item ids, got a {got}")
+    bad = ((ids < 0) | (ids >= num_items)) & counts
+    if not ids.is_cuda and not torch.compiler.is_compiling() and bool(bad.any()):
+        raise ValueError(f"{name} has item ids {sorted(set(ids[bad].tolist()))[:5]} outside the catalogue [0, "
+                         f"{num_items}) of the item table (a real target, or a negative other than "
+                         "negative_labels_ignore_index)")
+    return bad
 
 
 class CE(_ReplayLoss):
@@ -137,12 +152,20 @@ class _Sampled(_ReplayLoss):
         if tuple(target_padding_mask.shape) != (B, L, P):
             raise ValueError(f"target_padding_mask must have positive_labels' shape {(B, L, P)}, "
                              f"got {tuple(target_padding_mask.shape)}")
+        if not isinstance(negative_labels, Tensor) or tuple(negative_labels.shape[:-1]) not in ((), (B,), (B, L)):
+            got = (tuple(negative_labels.shape) if isinstance(negative_labels, Tensor)
+                   else type(negative_labels).__name__)
+            raise ValueError(f"negative_labels must be [N], [B, N] or [B, L, N] with (B, L) = {(B, L)}, got {got}")
         d, N = model_embeddings.size(-1), negative_labels.size(-1)
         q = model_embeddings.unsqueeze(2).expand(B, L, P, d).reshape(-1, d)
-        keep = target_padding_mask.reshape(-1)
         ignore = self.negative_labels_ignore_index
-        pos = positive_labels.reshape(-1).masked_fill(~keep, ignore)  # a padded target is an ignored row
         table = self.item_table()
+        target_padding_mask = target_padding_mask & ~_outside("positive_labels", positive_labels, table.size(0),
+                                                              target_padding_mask)
+        negative_labels = negative_labels.masked_fill(
+            _outside("negative_labels", negative_labels, table.size(0), negative_labels != ignore), ignore)
+        keep = target_padding_mask.reshape(-1)
+        pos = positive_labels.reshape(-1).masked_fill(~keep, ignore)  # a padded target is an ignored row
         if negative_labels.dim() == 1:  # one pool for the whole batch: the shared layout
             ignored = negative_labels == ignore
             safe = negative_labels.masked_fill(ignored, 0)
@@ -229,7 +252,7 @@ class _LogInCE(_ReplayLoss):
         self.negative_labels_ignore_index, self.backend = negative_labels_ignore_index, backend
 
     def _loss(self, model_embeddings: Tensor, positive_labels: Tensor, target_padding_mask: Tensor, table: Tensor,
-              negative_labels: Tensor | None) -> Tensor:
+              negative_labels: Tensor | None, cardinality: int | None = None) -> Tensor:
         if positive_labels.dim() != 3 or tuple(target_padding_mask.shape) != tuple(positive_labels.shape):
             raise ValueError(f"positive_labels and target_padding_mask must be [B, L, P] of one shape, got "
                              f"{tuple(positive_labels.shape)} and {tuple(target_padding_mask.shape)}")
@@ -239,15 +262,18 @@ class _LogInCE(_ReplayLoss):
         pos_idx = positive_labels.masked_fill(~target_padding_mask, ignore).reshape(B * L, P)
         padded = positive_labels.masked_fill(target_padding_mask, -1).reshape(B * L, P, 1)  # RePlay masks these too
         kw: dict[str, Any] = {}
-        if negative_labels is None:  # the whole catalogue
+        if negative_labels is None:  # the catalogue's first ``cardinality`` items (RePlay's arange); positives: any
             ids = torch.arange(table.size(0), device=q.device)
+            if cardinality is not None and cardinality < table.size(0):
+                kw["neg_mask"] = ids >= cardinality
         else:
             N = negative_labels.size(-1)
             if negative_labels.dim() == 2:
                 negative_labels = negative_labels[:, None, :]
             ids = kw["neg_idx"] = negative_labels.expand(B, L, N).reshape(B * L, N)
         if bool(((padded >= 0) & (padded < table.size(0))).any()):
-            kw["neg_mask"] = (padded == ids.reshape(-1 if ids.dim() == 2 else 1, 1, ids.size(-1))).any(1)
+            hits = (padded == ids.reshape(-1 if ids.dim() == 2 else 1, 1, ids.size(-1))).any(1)
+            kw["neg_mask"] = hits | kw["neg_mask"] if "neg_mask" in kw else hits
         rows = F.infonce(q, None, table, pos_idx=pos_idx, ignore_index=ignore, reduction="none",
                          backend=self.backend, **kw)
         rows = rows[target_padding_mask.any(-1).reshape(-1)]
@@ -256,7 +282,8 @@ class _LogInCE(_ReplayLoss):
 
 
 class LogInCE(_LogInCE):
-    """``replay.nn.loss.LogInCE``: the whole catalogue (``cardinality`` items) as negatives."""
+    """``replay.nn.loss.LogInCE``: the catalogue's first ``cardinality`` items as negatives (all of it when that is
+    the table's size; a smaller one leaves the rest out of the negatives only, as RePlay's does)."""
 
     def __init__(self, cardinality: int, log_epsilon: float = 1e-6, clamp_border: float = 100.0,
                  negative_labels_ignore_index: int = -100, backend: str = "auto") -> None:
@@ -268,7 +295,7 @@ class LogInCE(_LogInCE):
         table = self.item_table()
         if table.size(0) < self.cardinality:
             raise ValueError(f"cardinality is {self.cardinality} but the item table has {table.size(0)} rows")
-        return self._loss(model_embeddings, positive_labels, target_padding_mask, table[: self.cardinality], None)
+        return self._loss(model_embeddings, positive_labels, target_padding_mask, table, None, self.cardinality)
 
 
 class LogInCESampled(_LogInCE):
