@@ -40,23 +40,30 @@ def test_input_bytes_counts_the_inputs(layout: str) -> None:
     assert bench_cli.input_bytes(case) == expected
 
 
-@pytest.mark.parametrize(("loss", "layout"), [("softmax_ce", "catalogue"), ("infonce", "shared"),
-                                              ("infonce", "per_row"), ("infonce", "indexed")])
-def test_every_peer_computes_the_same_loss(loss: str, layout: str) -> None:
+PEER_CASES = [Case(loss, layout, rows=12, n=40, dim=8, items=30) for loss, layout in
+              [("softmax_ce", "catalogue"), ("infonce", "shared"), ("infonce", "per_row"), ("infonce", "indexed")]]
+PEERS = [pytest.param(case, impl, id=f"{case.loss}-{case.layout}-{impl}")
+         for case in PEER_CASES for impl in ("torch", *bench_cli.peers(case)) if impl != "reference"]
+COMPILED = ("compiled_reference", "cce")  # torch.compile: seconds per case on a cold inductor cache
+
+
+def test_the_catalogue_peers_include_linear_cross_entropy() -> None:
+    assert "linear_cross_entropy" in bench_cli.peers(PEER_CASES[0])
+    assert all("linear_cross_entropy" not in bench_cli.peers(c) for c in PEER_CASES[1:])
+
+
+# every case and every peer (each compiled peer once); the other pairs are -m exhaustive
+@pytest.mark.cover(("case",), ("impl",), cost=lambda p: 20 if p["impl"] in COMPILED else 1)
+@pytest.mark.parametrize(("case", "impl"), PEERS)
+def test_every_peer_computes_the_same_loss(case: Case, impl: str) -> None:
     """A timing comparison is only fair if every peer computes our loss (and its gradients)."""
     import torch
 
-    case = Case(loss, layout, rows=12, n=40, dim=8, items=30)
     x = make_inputs(case)
     leaves = [t for t in x.values() if t.requires_grad]
     want = implementation(case, "reference")(x)
     want_grads = torch.autograd.grad(want, leaves)
-    impls = [i for i in ("torch", *bench_cli.peers(case)) if i != "reference"]
-    if layout == "catalogue":
-        assert "linear_cross_entropy" in impls
-    for impl in impls:
-        got = implementation(case, impl)(x)
-        torch.testing.assert_close(got, want, msg=impl)
-        for g, w in zip(torch.autograd.grad(got, leaves), want_grads):
-            torch.testing.assert_close(g, w, msg=impl)
-
+    got = implementation(case, impl)(x)
+    torch.testing.assert_close(got, want, msg=impl)
+    for g, w in zip(torch.autograd.grad(got, leaves), want_grads):
+        torch.testing.assert_close(g, w, msg=impl)

@@ -131,6 +131,19 @@ def test_kernels_import_nothing_of_the_package_but_themselves() -> None:
         assert not outside, f"{path.name} imports {outside}"
 
 
+@pytest.fixture(scope="module")
+def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One copy of the package's sources, checked clean (so a planted import is what the checker reports)."""
+    root = tmp_path_factory.mktemp("tree")
+    for folder in ("fastrecloss", "kernels"):
+        for path in (ROOT / folder).rglob("*.py"):
+            dest = root / path.relative_to(ROOT)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(path.read_text())
+    assert violations(root) == []
+    return root
+
+
 @pytest.mark.parametrize(("where", "source", "expected"), [
     ("fastrecloss/backends/torch.py", "from ..recsys import metrics\n", "(backends) imports fastrecloss.recsys"),
     ("fastrecloss/backends/torch.py", "def f():\n    import fastrecloss.cli\n", "(backends) imports fastrecloss.cli"),
@@ -140,15 +153,13 @@ def test_kernels_import_nothing_of_the_package_but_themselves() -> None:
     ("kernels/shared.py", "from fastrecloss._spec import Kind\n", "(kernels) imports fastrecloss._spec"),
     ("kernels/shared.py", "import numpy\n", "kernels may import only"),
 ])
-def test_the_checker_catches_a_planted_violation(tmp_path: Path, where: str, source: str, expected: str) -> None:
-    """Copy the tree, plant one bad import, and the checker must report it."""
-    for folder in ("fastrecloss", "kernels"):
-        for path in (ROOT / folder).rglob("*.py"):
-            dest = tmp_path / path.relative_to(ROOT)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(path.read_text())
-    assert violations(tmp_path) == []
-    target = tmp_path / where
-    target.write_text(target.read_text() + "\n" + source)
-    found = violations(tmp_path)
+def test_the_checker_catches_a_planted_violation(tree_copy: Path, where: str, source: str, expected: str) -> None:
+    """Plant one bad import in the copy of the tree, and the checker must report it."""
+    target = tree_copy / where
+    clean = target.read_text()
+    target.write_text(clean + "\n" + source)
+    try:
+        found = violations(tree_copy)
+    finally:
+        target.write_text(clean)
     assert any(expected in v for v in found), found

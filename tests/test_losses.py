@@ -54,6 +54,7 @@ def _inputs(case: LossCase, layout: str, R: int, N: int, d: int, gen: torch.Gene
 # --- the oracle matrix: loss × layout × option × dtype -------------------------------------------
 
 
+@pytest.mark.cover(("backend", "case", "layout", "opts"), ("case", "dtype"), ("layout", "opts", "dtype"))
 @backends
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES))
@@ -66,6 +67,9 @@ SHAPES = list(itertools.product((1, 7, 129), (0, 1, 5, 101), (1, 33, 64)))
 BF16_SHAPES = [(1, 1, 1), (7, 0, 33), (129, 101, 64)]
 
 
+# every layout with every shape; every loss with every layout, every R, N and d
+@pytest.mark.cover(("backend", "layout", "R", "N", "d"), ("case", "layout"), ("case", "R"), ("case", "N"),
+                   ("case", "d"))
 @backends
 @pytest.mark.parametrize(("R", "N", "d"), SHAPES, ids=[f"R{r}-N{n}-d{d}" for r, n, d in SHAPES])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES, options=False))
@@ -127,6 +131,7 @@ def test_large_scores_small_temperature(backend: str, case: LossCase, layout: st
     check_case(case, backend, inputs, dtype, reduction="none", upstream=random_upstream((6,), gen))
 
 
+@pytest.mark.cover(("backend", "case", "layout"), ("layout", "opts", "mode"), ("case", "mode"))
 @backends
 @pytest.mark.parametrize("mode", ["transposed", "sliced"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES))
@@ -300,6 +305,7 @@ GRADCHECK_CASES = [
 ]
 
 
+@pytest.mark.cover(("case", "layout"), ("case", "reduction"), ("layout", "opts", "reduction"))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(("case", "layout", "opts"), GRADCHECK_CASES)
 def test_gradcheck_torch_backend(case: LossCase, layout: str, opts: dict, reduction: str,

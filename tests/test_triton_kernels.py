@@ -60,16 +60,22 @@ def _inputs(case: LossCase, layout: str, R: int, N: int, d: int, gen: torch.Gene
 # --- loss × layout × option --------------------------------------------------------------------
 
 
+# every loss with every layout, every layout with every option (the torch backend, which shares the row
+# math, meets every loss × option pair in the default run; the kernels meet them all in -m exhaustive)
+@pytest.mark.cover(("case", "layout"), ("layout", "opts"))
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES))
 def test_every_loss_layout_option_fp32(case: LossCase, layout: str, opts: dict, gen: torch.Generator) -> None:
     check_case(case, TRITON, _inputs(case, layout, 7, 5, 33, gen, **opts), F32)
 
 
+@pytest.mark.cover(("case", "layout"), ("layout", "opts"))
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(FAMILY_CASES))
 def test_every_family_layout_option_bf16(case: LossCase, layout: str, opts: dict, gen: torch.Generator) -> None:
     check_case(case, TRITON, _inputs(case, layout, 7, 5, 33, gen, **opts), BF16)
 
 
+# every loss in both 16-bit dtypes, every layout in both (fp32 meets every loss × layout × option pair)
+@pytest.mark.cover(("case", "dtype"), ("layout", "dtype"))
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES, ("all",)))
 def test_every_loss_all_options_half(case: LossCase, layout: str, opts: dict, dtype: torch.dtype,
@@ -95,27 +101,33 @@ def _cheap(shape: tuple[int, int, int], layout: str) -> bool:
     return layout == "shared" or not (R == 129 and N == 101 and d > 1)
 
 
-AWKWARD = [(shape, layout, FAMILY_CASES[i % len(FAMILY_CASES)])
+AWKWARD = [(*shape, layout, FAMILY_CASES[i % len(FAMILY_CASES)])
            for i, (shape, layout) in enumerate(itertools.product(SHAPES, LAYOUTS)) if _cheap(shape, layout)]
 
 
-@pytest.mark.parametrize(("shape", "layout", "case"), AWKWARD,
-                         ids=[f"R{r}-N{n}-d{d}-{lay}-{c.id}" for (r, n, d), lay, c in AWKWARD])
-def test_awkward_shapes_fp32(shape: tuple[int, int, int], layout: str, case: LossCase, gen: torch.Generator) -> None:
-    R, N, d = shape
+def _interpreter_cost(p: dict) -> float:
+    """Roughly what a case costs in the interpreter: the per-row/indexed kernels walk the rows' items."""
+    return 1 + p["R"] * max(p["N"], 1) * p["d"] / (64 if p["layout"] == "shared" else 8)
+
+
+# every layout with every (R, N) (row and item tails) and every d; every loss family with every layout
+@pytest.mark.cover(("layout", "R", "N"), ("layout", "d"), ("case", "layout"), cost=_interpreter_cost)
+@pytest.mark.parametrize(("R", "N", "d", "layout", "case"), AWKWARD,
+                         ids=[f"R{r}-N{n}-d{d}-{lay}-{c.id}" for r, n, d, lay, c in AWKWARD])
+def test_awkward_shapes_fp32(R: int, N: int, d: int, layout: str, case: LossCase, gen: torch.Generator) -> None:
     opts = {"weight": R > 2, "mask": "row" if R > 1 and N > 0 else None, "dup": True}
     check_case(case, TRITON, _inputs(case, layout, R, N, d, gen, **opts), F32)
 
 
 BF16_SHAPES = [(1, 1, 1), (7, 0, 33), (129, 101, 64), (129, 101, 1), (7, 101, 64)]
-BF16_AWKWARD = [pytest.param(case, layout, shape, id=f"R{shape[0]}-N{shape[1]}-d{shape[2]}-{layout}-{case.id}")
+BF16_AWKWARD = [pytest.param(case, layout, *shape, id=f"R{shape[0]}-N{shape[1]}-d{shape[2]}-{layout}-{case.id}")
                 for case in (CASES["infonce"], CASES["bpr"]) for layout in LAYOUTS for shape in BF16_SHAPES
                 if _cheap(shape, layout)]
 
 
-@pytest.mark.parametrize(("case", "layout", "shape"), BF16_AWKWARD)
-def test_awkward_shapes_bf16(case: LossCase, layout: str, shape: tuple[int, int, int], gen: torch.Generator) -> None:
-    R, N, d = shape
+@pytest.mark.cover(("layout", "R", "N"), ("layout", "d"), ("case", "layout"), cost=_interpreter_cost)
+@pytest.mark.parametrize(("case", "layout", "R", "N", "d"), BF16_AWKWARD)
+def test_awkward_shapes_bf16(case: LossCase, layout: str, R: int, N: int, d: int, gen: torch.Generator) -> None:
     check_case(case, TRITON, _inputs(case, layout, R, N, d, gen, mask="row" if R > 1 else None), BF16)
 
 
@@ -128,6 +140,7 @@ def test_softmax_ce_catalogue_larger_than_a_tile(gen: torch.Generator) -> None:
 # --- reductions, upstream gradients, requires_grad, ignored rows -------------------------------
 
 
+@pytest.mark.cover(("case", "dtype"), ("layout", "dtype"))
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(LOSS_CASES, ("plain",)))
 def test_reduction_none_random_upstream(case: LossCase, layout: str, opts: dict, dtype: torch.dtype,
@@ -137,6 +150,7 @@ def test_reduction_none_random_upstream(case: LossCase, layout: str, opts: dict,
     assert loss.shape == (9,)
 
 
+@pytest.mark.cover()
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(FAMILY_CASES, ("plain",)))
 def test_reductions_with_weights(case: LossCase, layout: str, opts: dict, reduction: str,
@@ -147,6 +161,7 @@ def test_reductions_with_weights(case: LossCase, layout: str, opts: dict, reduct
 GRAD_COMBOS = [c for n in range(4) for c in itertools.combinations(DIFF_KEYS, n)]
 
 
+@pytest.mark.cover(("grad_of", "reduction"), ("case", "reduction"))
 @pytest.mark.parametrize("grad_of", GRAD_COMBOS, ids=lambda c: "+".join(c) or "nothing")
 @pytest.mark.parametrize(("case", "layout", "opts"), [
     pytest.param(CASES["infonce"], "shared", {"pos_idx": True}, id="infonce-shared-pos_idx"),
@@ -166,6 +181,7 @@ def test_every_requires_grad_combination(case: LossCase, layout: str, opts: dict
     assert set(grads) == set(grad_of)
 
 
+@pytest.mark.cover()
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(FAMILY_CASES, ("plain",)))
 def test_all_rows_ignored(case: LossCase, layout: str, opts: dict, reduction: str, gen: torch.Generator) -> None:
@@ -181,6 +197,7 @@ def test_all_rows_ignored(case: LossCase, layout: str, opts: dict, reduction: st
 # --- numerics and memory layout ----------------------------------------------------------------
 
 
+@pytest.mark.cover()
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(FAMILY_CASES, ("plain",)))
 def test_large_scores_small_temperature(case: LossCase, layout: str, opts: dict, dtype: torch.dtype,
@@ -190,6 +207,7 @@ def test_large_scores_small_temperature(case: LossCase, layout: str, opts: dict,
     check_case(case, TRITON, inputs, dtype, reduction="none", upstream=random_upstream((6,), gen))
 
 
+@pytest.mark.cover(("case",), ("layout", "opts"))
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(FAMILY_CASES, ("all", "in_batch_all")))
 def test_noncontiguous_inputs(case: LossCase, layout: str, opts: dict, gen: torch.Generator) -> None:
     check_case(case, TRITON, _inputs(case, layout, 6, 5, 12, gen, **opts), F32, noncontiguous=True)
@@ -236,6 +254,7 @@ def _raw_outputs(layout: str, spec: LossSpec, deterministic: bool) -> list[torch
     return [t for t in out if t is not None]
 
 
+@pytest.mark.cover(("layout",), ("spec",))
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("spec", list(DET_SPECS.values()), ids=list(DET_SPECS))
 def test_deterministic_is_bit_identical(layout: str, spec: LossSpec) -> None:
@@ -268,6 +287,7 @@ def test_deterministic_plan_has_no_atomics(gen: torch.Generator) -> None:
             assert names == ["rows_kernel", "rows_kernel"] and atomic == ["rows_kernel"]
 
 
+@pytest.mark.cover(("case",), ("layout",))
 @pytest.mark.parametrize(("case", "layout", "opts"), _combos(FAMILY_CASES, ("all",)))
 def test_deterministic_matches_oracle(case: LossCase, layout: str, opts: dict, gen: torch.Generator) -> None:
     check_case(case, TRITON, _inputs(case, layout, 7, 5, 33, gen, **opts), F32, deterministic=True)

@@ -76,6 +76,7 @@ FP32_COMBOS = [pytest.param(case, name, opts, id=f"{case.id}-{name}")
 
 
 @interpreted
+@pytest.mark.cover(("case",), ("name",))
 @pytest.mark.parametrize(("case", "name", "opts"), FP32_COMBOS)
 def test_split_rows_pass_matches_oracle_fp32(case: LossCase, name: str, opts: dict, forced,
                                              gen: torch.Generator) -> None:
@@ -86,6 +87,7 @@ def test_split_rows_pass_matches_oracle_fp32(case: LossCase, name: str, opts: di
 
 
 @interpreted
+@pytest.mark.cover(("case",), ("dtype",))
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: c.id)
 def test_split_rows_pass_matches_oracle_half(case: LossCase, dtype: torch.dtype, forced, gen: torch.Generator) -> None:
@@ -97,6 +99,7 @@ def test_split_rows_pass_matches_oracle_half(case: LossCase, dtype: torch.dtype,
 
 
 @interpreted
+@pytest.mark.cover(("mask",), ("dtype",))
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mask", [None, "row"], ids=["column-sum", "per-pair"])
 def test_split_label_smoothing_and_z_loss(mask: str | None, dtype: torch.dtype, forced, gen: torch.Generator) -> None:
