@@ -190,6 +190,8 @@ def _scalar_setup(ctx, inputs, output):
     _, gq, gp, gn = output
     ctx.save_for_backward(gq, gp, gn)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[2].dtype if inputs[2] is not None else None)
+    # an empty input (R = 0, N = 0, an empty table) has an empty gradient, as in autograd, not None
+    ctx.empty = tuple(t.shape if t is not None and t.numel() == 0 else None for t in inputs[:3])
     ctx.mark_non_differentiable(gq, gp, gn)
     ctx.set_materialize_grads(False)  # the gradient outputs get no upstream gradient: no zero tensors
 
@@ -207,16 +209,18 @@ def _scalar_backward(ctx, grad_total, *_unused):
     # they are scaled in place: an item-table or per-row gradient is held once, not twice.
     in_place = getattr(ctx, "eager", False) and not _graph_kept()
 
-    def scaled(g: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    def scaled(g: Tensor, dtype: torch.dtype | None, i: int) -> Tensor | None:
         # fp32 × upstream first, then the input's dtype: a loss scale lifts small gradients above
         # the 16-bit underflow before the cast.
-        if not (g.numel() and grad_total is not None):
+        if grad_total is None or not ctx.needs_input_grad[i]:
             return None
+        if not g.numel():  # not computed, or an empty input's
+            return None if ctx.empty[i] is None else g.new_zeros(ctx.empty[i], dtype=dtype)
         return (g.mul_(grad_total) if in_place else g * grad_total).to(dtype)
 
     grads: list[Tensor | None] = [None] * 18
     with torch.no_grad():
-        grads[0], grads[1], grads[2] = scaled(gq, dq), scaled(gn, dn), scaled(gp, dp)
+        grads[0], grads[1], grads[2] = scaled(gq, dq, 0), scaled(gn, dn, 1), scaled(gp, dp, 2)
     return _first_order_only(grads)
 
 

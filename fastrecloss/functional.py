@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _extras, _ops
-from ._problem import BACKENDS, IGNORE_INDEX, REDUCTIONS, build_problem, check_choice, check_flag, check_weight
+from ._problem import BACKENDS, IGNORE_INDEX, REDUCTIONS, Problem, build_problem, check_choice, check_flag, check_weight
 from ._spec import Kind, LossSpec, acc_dtype, autocast_on, contrastive, neg_sum_flag, result_dtype
 from .backends import reference
 
@@ -123,11 +123,18 @@ def compute_loss(
         p.query, p.temperature = _ops.divide_by_temperature(p.query, p.temperature), 1.0
     with _autocast_off(p.query.device):
         if name == "reference":
-            rows = reference.row_losses(p, spec) if p.R else p.query.sum(dim=1) * 0
+            rows = reference.row_losses(p, spec) if p.R else _empty_rows(p)
             loss = _ops.reduce_rows(rows, weight, reduction)
         else:
             loss = _ops.apply(p, spec, name, deterministic, weight, reduction)
     return loss.to(out_dtype)
+
+
+def _empty_rows(p: Problem) -> Tensor:
+    """The reference's [0] row losses of an empty batch, connected to every input that takes a gradient
+    (zeros for the table or negatives, as autograd gives through a formula with no row)."""
+    zero = sum(t.sum() * 0 for t in (p.neg, p.pos, p.temperature) if isinstance(t, Tensor) and t.is_floating_point())
+    return p.query.sum(dim=1) * 0 + zero
 
 
 _SPECS: dict[str, Callable[..., LossSpec]] = {

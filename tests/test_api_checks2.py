@@ -181,6 +181,29 @@ def test_indexed_layout_over_an_empty_table_follows_the_n_zero_rule(backend, fn)
     assert x["table"].grad is None or x["table"].grad.shape == (0, 4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["shared", "per_row", "indexed", "catalogue"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_an_empty_batch_gives_every_input_a_zero_gradient(backend, layout, reduction):
+    """R = 0: every input that takes a gradient gets zeros of its shape, as autograd gives through a formula
+    with no row. The torch and triton backends returned None for the query, the positives and a tensor τ,
+    the reference None for the negatives and the table."""
+    tau = torch.tensor(0.5, requires_grad=True)
+    q, p = torch.randn(0, 4, requires_grad=True), torch.randn(0, 4, requires_grad=True)
+    neg = {"per_row": torch.randn(0, 3, 4)}.get(layout, torch.randn(5, 4)).requires_grad_()
+    if layout == "catalogue":
+        inputs = [q, neg, tau]
+        loss = F.softmax_ce(q, neg, torch.zeros(0, dtype=torch.long), temperature=tau, reduction=reduction,
+                            backend=backend)
+    else:
+        inputs = [q, p, neg, tau]
+        kw = {"neg_idx": torch.zeros(0, 3, dtype=torch.long)} if layout == "indexed" else {}
+        loss = F.infonce(q, p, neg, temperature=tau, reduction=reduction, backend=backend, **kw)
+    grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True)
+    for x, g in zip(inputs, grads):
+        assert g is not None and g.shape == x.shape and not g.any()
+
+
 def test_modules_flatten_empty_negative_dimensions():
     """neg_idx [..., 0] and per-row neg [..., 0, d]: "cannot reshape tensor of 0 elements into [-1, 0]"."""
     q, p = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
