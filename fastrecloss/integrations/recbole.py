@@ -254,9 +254,9 @@ class FastRecLoss:
                 raise ValueError(f"num_negatives must be a positive int, got {num_negatives!r}")
             if negatives == "popularity" and item_counts is None:
                 raise ValueError("negatives='popularity' needs item_counts (a [n_items] tensor or the Dataset)")
-            pop = negatives == "popularity"
-            self.sampler = NegativeSampler(self._num_items(), negatives, item_counts if pop else None,
-                                           alpha if pop else 1.0, low=1, generator=generator)
+            # _check_counts_use has refused item_counts and alpha ≠ 1 for 'uniform'
+            self.sampler = NegativeSampler(self._num_items(), negatives, item_counts, alpha, low=1,
+                                           generator=generator)
         self.loss_kwargs = loss_kwargs
 
     def _in_batch_log_q(self, target: Tensor, padded: Tensor | None) -> Tensor:
